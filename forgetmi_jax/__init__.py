@@ -1,0 +1,1 @@
+"""forgetmi-jax: Forget-MI multimodal unlearning in JAX/Flax."""
