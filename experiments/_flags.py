@@ -1,0 +1,35 @@
+"""Shared absl flags: --config file.py[:arg] with --config.key=value overrides, --workdir."""
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # so config files can `from configs import base`
+  sys.path.insert(0, ROOT)
+
+CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (file.py[:arg]).',
+                                         lock_config=True)
+WORKDIR = flags.DEFINE_string('workdir', None, 'Output folder (default runs/<config name>).')
+
+
+def config_name():
+  path = flags.FLAGS['config'].value_str if hasattr(flags.FLAGS['config'], 'value_str') else ''
+  raw = sys.argv
+  for i, a in enumerate(raw):
+    if a.startswith('--config='):
+      path = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(raw):
+      path = raw[i + 1]
+  name, _, arg = os.path.basename(path).partition(':')
+  name = os.path.splitext(name)[0]
+  return f'{name}_{arg}' if arg else name
+
+
+def resolved_config():
+  config = CONFIG.value
+  with config.unlocked():
+    if WORKDIR.value:
+      config.workdir = WORKDIR.value
+  return config

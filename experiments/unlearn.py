@@ -1,0 +1,24 @@
+"""Unlearn a forget set: cohort -> original -> retrained -> method -> evaluation.
+
+  python experiments/unlearn.py --config configs/forgetmi_10pct.py [--workdir DIR]
+  python experiments/unlearn.py --config configs/forgetmi_10pct.py:smoke --config.unlearn.lr=1e-5
+"""
+import logging
+
+from absl import app
+
+import _flags  # noqa: F401  (defines --config/--workdir, puts the repo on sys.path)
+from forgetmi_jax import pipeline
+import os
+
+
+def main(argv):
+  del argv
+  logging.getLogger('forgetmi_jax').setLevel(logging.INFO)
+  payload = pipeline.run(_flags.resolved_config(), _flags.config_name())
+  with open(os.path.join(payload['config']['workdir'], 'report.md')) as f:
+    print(f.read())
+
+
+if __name__ == '__main__':
+  app.run(main)

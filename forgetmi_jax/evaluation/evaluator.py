@@ -1,0 +1,37 @@
+"""Run a model over index sets in eval mode and keep what the metrics need."""
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from forgetmi_jax.train.common import forward
+
+HEAD_FIELDS = {'image': 'logits_img', 'joint': 'logits_joint', 'text': 'logits_txt'}
+
+
+def make_predict_fn(apply_fn, head: str = 'image'):
+  if head not in HEAD_FIELDS:
+    raise ValueError(f'eval.head must be one of {sorted(HEAD_FIELDS)}, got {head!r}')
+  field = HEAD_FIELDS[head]
+
+  @jax.jit
+  def predict(params, batch_stats, batch):
+    out, _ = forward(apply_fn, params, batch_stats, batch, train=False)
+    return getattr(out, field)
+  return predict
+
+
+def predict_logits(predict, variables, source, indices, batch_size, desc=None):
+  """Logits [len(indices), C] in the order of `indices`."""
+  from forgetmi_jax.data.pipeline import batches
+  outs, ids = [], []
+  total = -(-len(indices) // batch_size)
+  it = batches(source, np.asarray(indices), batch_size, seed=None, pad_to_batch=True)
+  for batch in tqdm(it, total=total, desc=desc, leave=False, disable=desc is None):
+    logits = np.asarray(predict(variables['params'], variables['batch_stats'],
+                                {k: batch[k] for k in ('image', 'input_ids', 'attention_mask')}))
+    real = np.asarray(batch['mask']) > 0
+    outs.append(logits[real])
+    ids.append(np.asarray(batch['id'])[real])
+  logits, ids = np.concatenate(outs), np.concatenate(ids)
+  order = {int(i): r for r, i in enumerate(ids)}
+  return logits[[order[int(i)] for i in indices]]
