@@ -105,6 +105,61 @@ def get_config(arg=None):
   c.eval.mia_per_batch_mean = False  # REFERENCE 8.5 as an extra field when True
   c.eval.mia_seed = 0
 
+  # ------------------------------------------------ baselines (REFERENCE 7), one group each
+  # NegGrad+: beta*CE(retain) - (1-beta)*CE(forget), CE summed over the 3 heads; whole model.
+  c.neggrad_plus = ml_collections.ConfigDict()
+  c.neggrad_plus.epochs = 5  # each: the forget set once + an equal-size retain sample
+  c.neggrad_plus.batch_size = 16  # forget examples per step (and as many retain examples)
+  c.neggrad_plus.beta = 0.99
+  c.neggrad_plus.optimizer = 'sgd'
+  c.neggrad_plus.lr = 0.01
+  c.neggrad_plus.momentum = 0.9
+  c.neggrad_plus.weight_decay = 5e-4
+  # SCRUB: max (-KL) on forget for the first msteps epochs, min (gamma*CE + alpha*KL) on retain.
+  c.scrub = ml_collections.ConfigDict()
+  c.scrub.epochs = 5
+  c.scrub.msteps = 3
+  c.scrub.batch_size = 16
+  c.scrub.temperature = 4.0
+  c.scrub.gamma = 1.0
+  c.scrub.alpha = 0.5
+  c.scrub.optimizer = 'sgd'
+  c.scrub.lr = 5e-4
+  c.scrub.momentum = 0.9
+  c.scrub.weight_decay = 5e-4
+  # CF-k: fine-tune the last k ResNet blocks (stage{i}_block{j}) and the last k BERT layers
+  # (layer_{i}) plus everything downstream (BERT pooler, fusion, heads) on the whole retain set.
+  c.cf_k = ml_collections.ConfigDict()
+  c.cf_k.k_image = 2
+  c.cf_k.k_text = 1
+  c.cf_k.epochs = 3  # passes over the whole retain set
+  c.cf_k.batch_size = 32
+  c.cf_k.optimizer = 'adamw'
+  c.cf_k.lr = 1e-4
+  c.cf_k.weight_decay = 0.01
+  # EU-k: the same blocks as CF-k, re-initialised, trained on the whole retain set.
+  c.eu_k = ml_collections.ConfigDict()
+  c.eu_k.k_image = 2
+  c.eu_k.k_text = 1
+  c.eu_k.epochs = 5
+  c.eu_k.batch_size = 32
+  c.eu_k.optimizer = 'adamw'
+  c.eu_k.lr = 1e-3  # the original's training rate: these blocks start from scratch
+  c.eu_k.weight_decay = 0.01
+  # MultiDelete: MSE modality decoupling + multimodal + unimodal (image) retention; heads frozen.
+  c.multidelete = ml_collections.ConfigDict()
+  c.multidelete.epochs = 30  # Forget-MI's budget
+  c.multidelete.batch_size = 16
+  c.multidelete.weights = ml_collections.ConfigDict(dict(md=1.0, mkr=1.0, ukr=1.0))
+  c.multidelete.optimizer = 'adamw'
+  c.multidelete.lr = 1e-4
+  c.multidelete.weight_decay = 0.01
+  if arg and 'smoke' in [a.strip() for a in str(arg).split(',')]:
+    for name in ('neggrad_plus', 'scrub', 'cf_k', 'eu_k', 'multidelete'):
+      c[name].epochs = 2
+      c[name].batch_size = 8
+    c.scrub.msteps = 1
+
   if arg:
     apply_arg(c, arg)
   return c

@@ -4,6 +4,11 @@ import importlib
 # name -> (module, class). Imported lazily so a method's dependencies load only when used.
 _METHODS = {
     'forgetmi': ('forgetmi_jax.unlearning.forgetmi', 'ForgetMIMethod'),
+    'neggrad_plus': ('forgetmi_jax.unlearning.neggrad_plus', 'NegGradPlusMethod'),
+    'scrub': ('forgetmi_jax.unlearning.scrub', 'ScrubMethod'),
+    'cf_k': ('forgetmi_jax.unlearning.cf_k', 'CFkMethod'),
+    'eu_k': ('forgetmi_jax.unlearning.eu_k', 'EUkMethod'),
+    'multidelete': ('forgetmi_jax.unlearning.multidelete', 'MultiDeleteMethod'),
 }
 
 

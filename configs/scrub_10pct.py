@@ -1,0 +1,12 @@
+"""SCRUB at 10 % (defaults in configs/base.py, group `scrub`).
+
+python experiments/unlearn.py --config configs/scrub_10pct.py[:smoke]
+"""
+from configs import base
+
+
+def get_config(arg=None):
+  c = base.get_config(arg)
+  c.method = 'scrub'
+  c.forget_fraction = 0.10
+  return c

@@ -1,0 +1,27 @@
+"""Compare original, retrain and every unlearning method on one forget set.
+
+  python experiments/compare.py --config configs/compare_10pct.py [--workdir DIR]
+  python experiments/compare.py --config configs/compare_10pct.py:smoke
+
+Writes comparison.json and comparison.md in the workdir (default runs/<config name>); the
+original and retrained models come from (or go to) the shared cache.
+"""
+import logging
+import os
+
+from absl import app
+
+import _flags  # noqa: F401  (defines --config/--workdir, puts the repo on sys.path)
+from forgetmi_jax import compare
+
+
+def main(argv):
+  del argv
+  logging.getLogger('forgetmi_jax').setLevel(logging.INFO)
+  payload = compare.run_comparison(_flags.resolved_config(), _flags.config_name())
+  with open(os.path.join(payload['config']['workdir'], 'comparison.md')) as f:
+    print(f.read())
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,254 @@
+"""The comparison runner behind experiments/compare.py: original, retrain and every unlearning
+method on the same forget set, with the paper's Table 1 beside the results.
+
+Outputs in the workdir: comparison.json (the `models` mapping of metrics.json, keyed original,
+retrain, forgetmi, neggrad_plus, scrub, cf_k, eu_k, multidelete; plus the lr selection, the
+paper's numbers and the method orderings) and comparison.md.
+
+Tuning budget (the same for every method, Forget-MI included), `config.compare`:
+- a validation set of whole retain patients (about `val_fraction` of the retain images, drawn
+  with `val_seed`) is held out of the retain data the method sees while tuning;
+- each method runs once per learning rate in `lr_factors` x its preset lr, with its preset
+  epochs and everything else unchanged;
+- the selected lr maximises  macro-F1(validation) - macro-F1(forget set)  (image head): keep
+  what the model knows about retain-like patients it did not unlearn on, lose what it knows
+  about the forget patients. No test-set label and no retrained model is looked at;
+- the final run uses the selected lr on the full retain set; its time is the method's
+  `seconds` (tuning time is reported apart). `compare.tune = False` runs the preset lr only.
+"""
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+
+from forgetmi_jax import pipeline
+from forgetmi_jax.evaluation import report
+from forgetmi_jax.evaluation.gaps import retrain_gaps
+from forgetmi_jax.train import cache as cache_lib
+
+log = logging.getLogger('forgetmi_jax')
+
+METHODS = ('forgetmi', 'neggrad_plus', 'scrub', 'cf_k', 'eu_k', 'multidelete')
+MODEL_KEYS = ('original', 'retrain') + METHODS
+CRITERION = 'macro_f1(validation) - macro_f1(forget), image head'
+
+
+# ------------------------------------------------------------------------------ tuning pieces
+def lr_grid(lr, factors):
+  """The learning rates tried for a method: its preset lr times each factor (sorted, unique)."""
+  grid = sorted({float(lr) * float(f) for f in factors})
+  if not grid or any(not (g > 0 and math.isfinite(g)) for g in grid):
+    raise ValueError(f'lr grid must hold positive numbers, got {grid}')
+  return grid
+
+
+def carve_validation(split, subject_id, fraction, seed):
+  """(tuning split without the validation patients, validation indices).
+
+  Whole patients, as for the forget set, so no patient is on both sides; seeded; at least one
+  patient, and never the whole retain set.
+  """
+  if not 0 < float(fraction) < 1:
+    raise ValueError(f'compare.val_fraction must be in (0, 1), got {fraction}')
+  retain = np.asarray(split.retain_idx)
+  subjects = np.asarray(subject_id)[retain]
+  unique = np.unique(subjects)
+  if len(unique) < 2:
+    raise ValueError('the retain set needs at least 2 patients to carve a validation set')
+  order = np.random.default_rng(int(seed)).permutation(unique)
+  counts = {s: c for s, c in zip(*np.unique(subjects, return_counts=True))}
+  target, total, chosen = float(fraction) * len(retain), 0, []
+  for s in order[:-1]:
+    if total >= target:
+      break
+    chosen.append(s)
+    total += counts[s]
+  held = np.isin(subjects, chosen)
+  return dataclasses.replace(split, retain_idx=retain[~held]), retain[held]
+
+
+def selection_score(val_f1, forget_f1):
+  """Higher is better; a diverged run (nan) is never selected."""
+  s = float(val_f1) - float(forget_f1)
+  return s if math.isfinite(s) else -math.inf
+
+
+def select(records):
+  """The record with the highest score (the first such: grids are sorted by lr)."""
+  return max(records, key=lambda r: r['score'])
+
+
+# ------------------------------------------------------------------------------ runs
+def with_lr(config, name, lr):
+  """A copy of the config with the method's learning rate set."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    pipeline.method_config(config, name).lr = float(lr)
+  return config
+
+
+def run_key(prep, name):
+  """Everything that determines an unlearning run (so a reused checkpoint is the right one)."""
+  c = prep.config
+  return cache_lib.fingerprint(name, pipeline.method_config(c, name).to_dict(),
+                               c.unlearn.noise.to_dict(), prep.data_key, c.model.to_dict(),
+                               c.train.to_dict(), int(c.seed),
+                               np.asarray(prep.split.forget_idx).tolist(),
+                               np.asarray(prep.split.retain_idx).tolist())
+
+
+def run_or_reuse(prep, original, name, tag):
+  """Run method `name` (or reload a finished run with the same key); (state, seconds, history).
+
+  Finished runs leave DONE.json beside their checkpoints, so a rerun of the comparison
+  reports the original run's time instead of the seconds it takes to reload it.
+  """
+  ckpt_dir = os.path.join(prep.workdir, 'checkpoints', name, f'{tag}-{run_key(prep, name)}')
+  done = os.path.join(ckpt_dir, 'DONE.json')
+  state, seconds, history = pipeline.run_method(prep, original, name, ckpt_dir)
+  if os.path.exists(done):
+    with open(done) as f:
+      meta = json.load(f)
+    return state, float(meta['seconds']), meta['history']
+  report.write_json_atomic({'seconds': seconds, 'history': history}, done)
+  return state, seconds, history
+
+
+def image_f1(prep, predict, state, indices, labels):
+  from forgetmi_jax.evaluation.evaluator import predict_logits
+  from forgetmi_jax.evaluation.metrics import classification_metrics
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = predict_logits(predict, variables, prep.source, indices,
+                          int(prep.config.eval.batch_size))
+  return classification_metrics(logits, labels[indices])['f1']
+
+
+def tune(prep, original, name, cc):
+  """Try the lr grid on the tuning split; returns the selection record."""
+  from forgetmi_jax.evaluation.evaluator import make_predict_fn
+  tune_split, val_idx = carve_validation(prep.split, prep.cohort.subject_id, cc.val_fraction,
+                                         cc.val_seed)
+  predict = make_predict_fn(prep.model.apply, prep.config.eval.head)
+  labels = np.asarray(prep.cohort.labels)
+  preset = float(pipeline.method_config(prep.config, name).lr)
+  records = []
+  for lr in lr_grid(preset, cc.lr_factors):
+    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lr), split=tune_split)
+    state, seconds, _ = run_or_reuse(p, original, name, 'tune')
+    val_f1 = image_f1(prep, predict, state, val_idx, labels)
+    forget_f1 = image_f1(prep, predict, state, prep.split.forget_idx, labels)
+    records.append({'lr': lr, 'val_f1': val_f1, 'forget_f1': forget_f1,
+                    'score': selection_score(val_f1, forget_f1), 'seconds': seconds})
+    log.info('tune %s lr=%g: val F1 %.3f, forget F1 %.3f', name, lr, val_f1, forget_f1)
+  best = select(records)
+  return {'preset_lr': preset, 'selected_lr': best['lr'], 'records': records,
+          'validation_images': int(len(val_idx)),
+          'seconds': float(sum(r['seconds'] for r in records))}
+
+
+# ------------------------------------------------------------------------------ the comparison
+def run_comparison(config, config_name='compare'):
+  """The whole comparison; returns the comparison.json payload."""
+  t_start = time.time()
+  prep = pipeline.prepare(config, config_name)
+  cc = config.compare
+  methods = tuple(cc.methods)
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f'compare.methods has unknown names {unknown} (known: {METHODS})')
+  split = prep.split
+  non_test = np.sort(np.concatenate([split.forget_idx, split.retain_idx]))
+  original, t_orig = pipeline.train_or_load(prep, 'original', non_test)
+  retrain, t_retrain = pipeline.train_or_load(prep, 'retrain', split.retain_idx)
+  states, seconds = {'original': original, 'retrain': retrain}, {'original': t_orig,
+                                                                 'retrain': t_retrain}
+  tuning, histories, lrs = {}, {}, {}
+  for name in methods:
+    lr = float(pipeline.method_config(config, name).lr)
+    if cc.tune:
+      tuning[name] = tune(prep, original, name, cc)
+      lr = tuning[name]['selected_lr']
+    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lr))
+    states[name], seconds[name], histories[name] = run_or_reuse(p, original, name, 'final')
+    lrs[name] = lr
+    log.info('%s done: lr %g, %.1fs', name, lr, seconds[name])
+  results, _ = pipeline.evaluate_models(prep, states, seconds)
+  for name in methods:
+    results[name]['lr'] = lrs[name]
+    if name in tuning:
+      results[name]['tuning_seconds'] = tuning[name]['seconds']
+  payload = {
+      'forget_fraction': float(len(split.forget_idx) / len(prep.cohort))
+      if config.data.forget_csv else float(config.forget_fraction),
+      'models': {k: results[k] for k in MODEL_KEYS if k in results},
+      'tuning': {'enabled': bool(cc.tune), 'criterion': CRITERION,
+                 'lr_factors': [float(f) for f in cc.lr_factors],
+                 'val_fraction': float(cc.val_fraction), 'methods': tuning},
+      'history': histories,
+      'wall_seconds': {'total': time.time() - t_start},
+  }
+  paper_f = report.nearest_paper_fraction(payload['forget_fraction'])
+  payload['paper'] = {'fraction': paper_f, 'models': report.PAPER_TABLE1[paper_f]}
+  payload['ordering'] = orderings(payload['models'], payload['paper']['models'], methods)
+  payload['config'] = config.to_dict()
+  write_outputs(prep.workdir, payload)
+  return payload
+
+
+def orderings(ours, paper, methods):
+  """Methods ranked by avg. gap to retrain, and who forgets most, here and in the paper."""
+  def summary(models):
+    if 'retrain' not in models:
+      return {}
+    names = [m for m in methods if m in models]
+    gap = {m: retrain_gaps(models[m], models['retrain'])['avg_gap'] for m in names}
+    key = lambda m, k: (models[m].get(k) if models[m].get(k) is not None else math.inf)  # noqa
+    return {'by_avg_gap': sorted(names, key=lambda m: gap[m] if gap[m] is not None else math.inf),
+            'lowest_mia': min(names, key=lambda m: key(m, 'mia')) if names else None,
+            'lowest_forget_f1': min(names, key=lambda m: key(m, 'forget_f1')) if names else None}
+  return {'ours': summary(ours), 'paper': summary(paper)}
+
+
+def build_markdown(payload):
+  """Report of the run (results, paper Table 1, extras, config) plus lr selection and ordering."""
+  text = report.build_report(payload, title='Unlearning comparison')
+  parts = [text]
+  tuning = payload.get('tuning') or {}
+  parts.append('\n## Learning-rate selection\n')
+  if tuning.get('enabled'):
+    parts.append(f"Criterion: maximise {tuning['criterion']}, on a validation set of retain "
+                 f"patients (~{100 * tuning['val_fraction']:.0f} % of retain images) held out "
+                 f"of the tuning runs; grid = preset lr x {tuning['lr_factors']}. The final "
+                 'run uses the selected lr on the full retain set.\n')
+    rows = []
+    for name, t in tuning['methods'].items():
+      for r in t['records']:
+        rows.append([report.display_name(name), f"{r['lr']:.3g}", r['val_f1'], r['forget_f1'],
+                     r['score'], 'yes' if r['lr'] == t['selected_lr'] else '',
+                     f"{r['seconds']:.1f}"])
+    parts.append(report.markdown_table(
+        ['Method', 'lr', 'Val. F1', 'Forget F1', 'Score', 'Selected', 'Seconds'], rows,
+        align=['l', 'r', 'r', 'r', 'r', 'l', 'r']))
+  else:
+    parts.append('Tuning off (`compare.tune = False`): every method ran at its preset lr.\n')
+  order = payload.get('ordering') or {}
+  if order.get('ours'):
+    parts.append('\n## Ordering (methods only)\n')
+    rows = []
+    for what in ('by_avg_gap', 'lowest_mia', 'lowest_forget_f1'):
+      fmt = lambda v: (' < '.join(map(report.display_name, v)) if isinstance(v, list)  # noqa
+                       else report.display_name(v) if v else report.MISSING)
+      rows.append([what.replace('_', ' '), fmt(order['ours'].get(what)),
+                   fmt(order['paper'].get(what))])
+    parts.append(report.markdown_table(['', 'This run', 'Paper'], rows, align=['l', 'l', 'l']))
+  return '\n'.join(p.rstrip('\n') + '\n' for p in parts)
+
+
+def write_outputs(workdir, payload):
+  report.write_json_atomic(payload, os.path.join(workdir, 'comparison.json'))
+  report._atomic_write(os.path.join(workdir, 'comparison.md'), build_markdown(payload))

@@ -1,0 +1,118 @@
+"""The comparison runner: tuning pieces in isolation, then the whole smoke comparison."""
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs import compare_10pct
+from forgetmi_jax import compare
+from forgetmi_jax.evaluation.report import PAPER_TABLE1
+
+
+@dataclasses.dataclass
+class Split:
+  forget_idx: np.ndarray
+  retain_idx: np.ndarray
+  test_idx: np.ndarray
+
+
+def test_carve_validation_holds_out_whole_patients_seeded():
+  subject = np.repeat(np.arange(50), 4)  # 50 patients x 4 images
+  split = Split(np.arange(0, 20), np.arange(20, 180), np.arange(180, 200))
+  tune_split, val = compare.carve_validation(split, subject, 0.1, seed=3)
+  assert len(val) >= 16 and len(val) < 40
+  assert set(tune_split.retain_idx) | set(val) == set(split.retain_idx)
+  assert not set(tune_split.retain_idx) & set(val)
+  assert not set(subject[val]) & set(subject[tune_split.retain_idx])  # no shared patient
+  np.testing.assert_array_equal(tune_split.forget_idx, split.forget_idx)
+  again = compare.carve_validation(split, subject, 0.1, seed=3)[1]
+  other = compare.carve_validation(split, subject, 0.1, seed=4)[1]
+  np.testing.assert_array_equal(val, again)
+  assert not np.array_equal(val, other)
+  with pytest.raises(ValueError):
+    compare.carve_validation(split, subject, 0.0, seed=0)
+
+
+def test_lr_grid_and_selection():
+  assert compare.lr_grid(1e-4, (3.0, 0.3, 1.0)) == pytest.approx([3e-5, 1e-4, 3e-4])
+  with pytest.raises(ValueError):
+    compare.lr_grid(0.0, (1.0,))
+  records = [{'lr': 1.0, 'score': compare.selection_score(0.8, 0.9)},
+             {'lr': 2.0, 'score': compare.selection_score(0.7, 0.3)},
+             {'lr': 3.0, 'score': compare.selection_score(float('nan'), 0.0)}]
+  assert records[2]['score'] == -math.inf
+  assert compare.select(records)['lr'] == 2.0
+
+
+def test_orderings_on_the_paper_table():
+  paper = PAPER_TABLE1[0.10]
+  order = compare.orderings(paper, paper, compare.METHODS)['paper']
+  assert order['lowest_mia'] == 'forgetmi' and order['lowest_forget_f1'] == 'forgetmi'
+  # At 10 % EU-k is (just) closest to retrain on average in the paper, Forget-MI next.
+  assert order['by_avg_gap'][:2] == ['eu_k', 'forgetmi'] and len(order['by_avg_gap']) == 6
+  assert compare.orderings(paper, PAPER_TABLE1[0.03], ('scrub', 'forgetmi'))['paper'][
+      'by_avg_gap'] == ['forgetmi', 'scrub']
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp('compare')
+  config = compare_10pct.get_config('smoke')
+  with config.unlocked():
+    config.workdir = str(root / 'run')
+    config.cache_dir = str(root / 'cache')
+  payload = compare.run_comparison(config, 'compare_smoke')
+  return root, payload
+
+
+def test_smoke_comparison_writes_all_models(smoke_run):
+  root, payload = smoke_run
+  with open(root / 'run' / 'comparison.json') as f:
+    saved = json.load(f)
+  assert list(saved['models']) == list(compare.MODEL_KEYS)
+  for name, m in saved['models'].items():
+    for k in ('mia', 'forget_auc', 'forget_f1', 'test_auc', 'test_f1', 'avg_gap', 'seconds'):
+      assert k in m, (name, k)
+    assert m['seconds'] is not None and m['seconds'] > 0
+  assert saved['models']['retrain']['avg_gap'] == 0
+  assert saved['tuning']['enabled'] is False
+  assert saved['paper']['fraction'] == 0.10
+  assert set(saved['history']) == set(compare.METHODS)
+  assert [h['epoch'] for h in saved['history']['scrub']] == [0, 1]
+  md = (root / 'run' / 'comparison.md').read_text()
+  for title in ('Forget-MI', 'NegGrad+', 'SCRUB', 'CF-k', 'EU-k', 'MultiDelete',
+                'Paper, Table 1', 'Ordering'):
+    assert title in md
+
+
+def test_tuning_selects_from_the_grid_and_reruns_reuse(smoke_run):
+  root, first = smoke_run
+  config = compare_10pct.get_config('smoke')
+  with config.unlocked():
+    config.workdir = str(root / 'tuned')
+    config.cache_dir = str(root / 'cache')  # original / retrain come from the cache
+    config.compare.methods = ('cf_k',)
+    config.compare.tune = True
+    config.compare.lr_factors = (0.1, 10.0)
+  payload = compare.run_comparison(copy_config(config), 'compare_tuned')
+  t = payload['tuning']['methods']['cf_k']
+  preset = float(config.cf_k.lr)
+  assert [r['lr'] for r in t['records']] == pytest.approx([preset * 0.1, preset * 10])
+  best = max(t['records'], key=lambda r: r['score'])
+  assert t['selected_lr'] == best['lr'] == payload['models']['cf_k']['lr']
+  assert set(payload['models']) == {'original', 'retrain', 'cf_k'}
+  # Cached models: the same original as the first run, and its training time is kept.
+  assert payload['models']['original']['seconds'] == first['models']['original']['seconds']
+  # A rerun reloads every finished unlearning run and reports the time it first took.
+  again = compare.run_comparison(copy_config(config), 'compare_tuned')
+  assert again['models']['cf_k']['seconds'] == payload['models']['cf_k']['seconds']
+  assert again['models']['cf_k']['test_f1'] == payload['models']['cf_k']['test_f1']
+  assert os.path.exists(root / 'tuned' / 'comparison.md')
+
+
+def copy_config(config):
+  import copy
+  return copy.deepcopy(config)
