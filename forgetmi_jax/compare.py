@@ -201,30 +201,45 @@ def run_comparison(config, config_name='compare'):
 
 
 def orderings(ours, paper, methods):
-  """Methods ranked by avg. gap to retrain, and who forgets most, here and in the paper."""
+  """Methods ranked by avg. gap to retrain, and who forgets most (lowest MIA, lowest forget
+  F1; every method tied at the minimum is listed), here and in the paper."""
+  def lowest(models, names, key):
+    values = {m: models[m].get(key) for m in names if models[m].get(key) is not None}
+    if not values:
+      return []
+    best = min(values.values())
+    return [m for m in names if m in values and values[m] <= best + 1e-12]
+
   def summary(models):
     if 'retrain' not in models:
       return {}
     names = [m for m in methods if m in models]
     gap = {m: retrain_gaps(models[m], models['retrain'])['avg_gap'] for m in names}
-    key = lambda m, k: (models[m].get(k) if models[m].get(k) is not None else math.inf)  # noqa
     return {'by_avg_gap': sorted(names, key=lambda m: gap[m] if gap[m] is not None else math.inf),
-            'lowest_mia': min(names, key=lambda m: key(m, 'mia')) if names else None,
-            'lowest_forget_f1': min(names, key=lambda m: key(m, 'forget_f1')) if names else None}
+            'lowest_mia': lowest(models, names, 'mia'),
+            'lowest_forget_f1': lowest(models, names, 'forget_f1')}
   return {'ours': summary(ours), 'paper': summary(paper)}
 
 
 def build_markdown(payload):
-  """Report of the run (results, paper Table 1, extras, config) plus lr selection and ordering."""
-  text = report.build_report(payload, title='Unlearning comparison')
-  parts = [text]
+  """The run report (results, paper Table 1, extras, config), then lr selection and ordering."""
+  models = {}
+  for name, m in payload['models'].items():
+    m = dict(m)
+    if isinstance(m.get('lr'), float):
+      m['lr'] = f"{m['lr']:.3g}"  # the report's 3 decimals would print 1e-4 as 0.000
+    models[name] = m
+  # The configuration stays in comparison.json; the markdown ends with the comparison itself.
+  summary = {'forget_fraction': payload['forget_fraction'], 'models': models,
+             'wall_seconds': payload.get('wall_seconds', {})}
+  parts = [report.build_report(summary, title='Unlearning comparison')]
   tuning = payload.get('tuning') or {}
-  parts.append('\n## Learning-rate selection\n')
+  parts.append('## Learning-rate selection')
   if tuning.get('enabled'):
     parts.append(f"Criterion: maximise {tuning['criterion']}, on a validation set of retain "
                  f"patients (~{100 * tuning['val_fraction']:.0f} % of retain images) held out "
                  f"of the tuning runs; grid = preset lr x {tuning['lr_factors']}. The final "
-                 'run uses the selected lr on the full retain set.\n')
+                 'run uses the selected lr on the full retain set.')
     rows = []
     for name, t in tuning['methods'].items():
       for r in t['records']:
@@ -235,18 +250,18 @@ def build_markdown(payload):
         ['Method', 'lr', 'Val. F1', 'Forget F1', 'Score', 'Selected', 'Seconds'], rows,
         align=['l', 'r', 'r', 'r', 'r', 'l', 'r']))
   else:
-    parts.append('Tuning off (`compare.tune = False`): every method ran at its preset lr.\n')
+    parts.append('Tuning off (`compare.tune = False`): every method ran at its preset lr.')
   order = payload.get('ordering') or {}
   if order.get('ours'):
-    parts.append('\n## Ordering (methods only)\n')
+    parts.append('## Ordering (methods only)')
+    sep = {'by_avg_gap': ' < ', 'lowest_mia': ' = ', 'lowest_forget_f1': ' = '}
     rows = []
-    for what in ('by_avg_gap', 'lowest_mia', 'lowest_forget_f1'):
-      fmt = lambda v: (' < '.join(map(report.display_name, v)) if isinstance(v, list)  # noqa
-                       else report.display_name(v) if v else report.MISSING)
-      rows.append([what.replace('_', ' '), fmt(order['ours'].get(what)),
-                   fmt(order['paper'].get(what))])
+    for what, joiner in sep.items():
+      cell = lambda v: joiner.join(map(report.display_name, v)) or report.MISSING  # noqa
+      rows.append([what.replace('_', ' '), cell(order['ours'].get(what, [])),
+                   cell(order['paper'].get(what, []))])
     parts.append(report.markdown_table(['', 'This run', 'Paper'], rows, align=['l', 'l', 'l']))
-  return '\n'.join(p.rstrip('\n') + '\n' for p in parts)
+  return '\n\n'.join(p.strip('\n') for p in parts) + '\n'
 
 
 def write_outputs(workdir, payload):

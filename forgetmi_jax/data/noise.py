@@ -13,6 +13,7 @@ random state leaks to or from the caller.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -40,15 +41,22 @@ def add_image_noise(key, images, sample_ids, mu, sigma, num_draws: int = 1, epoc
   Per-sample key = fold_in(fold_in(key, sample_id), epoch) (the epoch fold only when `epoch`
   is given), then one key per draw. Pure and jittable; mu, sigma and epoch may be traced.
   """
+  use_epoch = epoch is not None  # one compiled function serves both (a traced flag)
+  return _image_noise(key, images, sample_ids, mu, sigma, 0 if epoch is None else epoch,
+                      use_epoch, num_draws=int(num_draws))
+
+
+@functools.partial(jax.jit, static_argnames=('num_draws',))
+def _image_noise(key, images, sample_ids, mu, sigma, epoch, use_epoch, *, num_draws):
   images = jnp.asarray(images)
   sample_ids = jnp.asarray(sample_ids).astype(jnp.uint32)
   mu = jnp.asarray(mu, images.dtype)
   sigma = jnp.asarray(sigma, images.dtype)
+  epoch = jnp.asarray(epoch).astype(jnp.uint32)
 
   def one(img, sid):
     k = jax.random.fold_in(key, sid)
-    if epoch is not None:
-      k = jax.random.fold_in(k, jnp.asarray(epoch).astype(jnp.uint32))
+    k = jax.lax.cond(use_epoch, lambda: jax.random.fold_in(k, epoch), lambda: k)
     draws = jax.random.split(k, num_draws)
     noise = jax.vmap(lambda d: jax.random.normal(d, img.shape, img.dtype))(draws)
     return jnp.clip(img[None] + mu + sigma * noise, 0.0, 1.0)

@@ -50,6 +50,8 @@ class SyntheticConfig:
     test_subject_fraction: share of subjects in the TEST fold (156 / 1663).
     test_small_bias: TEST subjects are drawn with weight studies**-bias, so TEST holds fewer
       studies per subject, as in the paper (531 images for 156 subjects).
+    test_image_fraction: share of images in TEST; random TEST / non-TEST subject swaps bring
+      the count within 1 % of it.
     subject_severity_corr: correlation of a study's latent severity with its patient's
       tendency (within-subject label std 0.69 vs 1.02 overall in the real cohort).
   Signal strengths (the regime)
@@ -68,11 +70,18 @@ class SyntheticConfig:
     noise_std: pixel noise standard deviation (before the divide-by-max normalisation).
     rare_vocab_size: pool of pseudo-words from which each patient gets `rare_words_per_patient`.
     lazy_images: render images on demand (None: lazily above 128 px, eagerly otherwise).
+
+  Calibration, roughly, at the defaults (64 px, seed 0; sklearn / a quick flax CNN, not the
+  project's model): a 4-stage CNN (Adam 1e-3, batch 32) reaches train / test macro-F1 0.69 / 0.42
+  after 15 epochs (train still rising); an MLP on 32 px pixels 1.00 / 0.39; logistic
+  regression on report n-grams 0.93 / 0.72; a 1-NN on image PCA finds another study of the
+  same patient 69 % of the time (0 % at patient_signal=0).
   """
   num_subjects: int = 1663
   max_studies: int = 33
   test_subject_fraction: float = 156 / 1663
   test_small_bias: float = 0.25
+  test_image_fraction: float = 531 / 6742
   subject_severity_corr: float = 0.73
   severity_signal: float = 1.0
   patient_signal: float = 1.0
@@ -136,6 +145,20 @@ def _structure(cfg: SyntheticConfig, rng: np.random.Generator):
   keys = -np.log(-np.log(rng.uniform(size=n_sub))) - cfg.test_small_bias * np.log(n_studies)
   is_test = np.zeros(n_sub, bool)
   is_test[np.argsort(-keys)[:n_test]] = True
+  # Then random pairwise swaps (TEST <-> non-TEST subject) that bring the TEST image count to
+  # test_image_fraction of all images (531 / 6742 in the paper).
+  sub_images = np.bincount(subj_of_study, weights=ips, minlength=n_sub).astype(np.int64)
+  target = cfg.test_image_fraction * sub_images.sum()
+  tol = max(1.0, 0.01 * target)
+  for _ in range(2000):
+    diff = target - sub_images[is_test].sum()
+    if abs(diff) <= tol:
+      break
+    leave = rng.choice(np.flatnonzero(is_test))
+    enter = rng.choice(np.flatnonzero(~is_test))
+    gain = sub_images[enter] - sub_images[leave]
+    if gain * diff > 0 and abs(gain) <= abs(diff) + tol:
+      is_test[leave], is_test[enter] = False, True
   folds = np.empty(n_sub, object)
   folds[is_test] = TEST_FOLD
   rest = rng.permutation(np.flatnonzero(~is_test))
@@ -210,25 +233,33 @@ def _params(cfg: SyntheticConfig, st: dict, rng: np.random.Generator) -> dict:
   p['mark_x'] = (rng.choice([-0.82, 0.82], n_sub) + 0.06 * g(n_sub))[sub]
   p['mark_y'] = u(-0.85, -0.55, n_sub)[sub]
   p['mark_amp'] = np.full(n_img, 0.5 * min(ps, 1.5))
-  # Devices: which ones a patient has (persist in ~90 % of their studies) and their geometry.
+  # Devices: which ones a patient has (persist in most of their studies) and their geometry.
+  # A study follows its patient's devices with prob min(1, patient_signal), otherwise it
+  # gets a random device set and geometry of its own (patients become exchangeable at 0).
+  use_pat = (rng.uniform(size=n_study) < min(1.0, ps))[study]
+
+  def pat(lo, hi):
+    return np.where(use_pat, u(lo, hi, n_sub)[sub], u(lo, hi, n_study)[study])
+
   def device(prob, keep=0.9):
-    has = rng.uniform(size=n_sub) < prob * min(1.0, ps + 0.15)
+    has = rng.uniform(size=n_sub) < prob
     on_study = rng.uniform(size=n_study) < keep
-    return (has[sub] & on_study[study]).astype(np.float32)
+    random_study = rng.uniform(size=n_study) < prob * keep
+    return np.where(use_pat, has[sub] & on_study[study], random_study[study]).astype(np.float32)
   p['pm_on'] = device(0.15)
-  p['pm_x'] = (u(0.35, 0.65, n_sub) * rng.choice([-1, 1], n_sub, p=[0.2, 0.8]))[sub]
-  p['pm_y'] = u(-0.75, -0.5, n_sub)[sub]
-  p['pm_w'] = u(0.06, 0.1, n_sub)[sub]
+  p['pm_x'] = pat(0.35, 0.65) * np.where(pat(0, 1) < 0.2, -1.0, 1.0)
+  p['pm_y'] = pat(-0.75, -0.5)
+  p['pm_w'] = pat(0.06, 0.1)
   p['cl_on'] = device(0.3, keep=0.7)
-  p['cl_x0'] = u(-0.45, -0.15, n_sub)[sub]
-  p['cl_bend'] = u(-0.25, 0.25, n_sub)[sub]
-  p['cl_end'] = u(-0.1, 0.15, n_sub)[sub]
+  p['cl_x0'] = pat(-0.45, -0.15)
+  p['cl_bend'] = pat(-0.25, 0.25)
+  p['cl_end'] = pat(-0.1, 0.15)
   p['ett_on'] = device(0.08, keep=0.6)
-  p['ett_end'] = u(-0.45, -0.25, n_sub)[sub]
+  p['ett_end'] = pat(-0.45, -0.25)
   p['ngt_on'] = device(0.1, keep=0.6)
-  p['ngt_bend'] = u(-0.2, 0.2, n_sub)[sub]
+  p['ngt_bend'] = pat(-0.2, 0.2)
   p['wires_on'] = device(0.15, keep=1.0)
-  p['wires_n'] = rng.integers(3, 7, n_sub)[sub]
+  p['wires_n'] = np.floor(pat(3, 7))
   # Severity shown in the image: label, one grade off with prob label_noise, continuous jitter.
   label = st['study_label'][study]
   shown = _noisy_grade(rng, st['study_label'], cfg.label_noise)[study].astype(np.float64)
@@ -531,7 +562,7 @@ def make_reports(cfg: SyntheticConfig, st: dict, params: dict, seed: int) -> lis
     sty = styles[st['study_subject'][s]] if own else random_style()
     g = int(shown[s])
     i = first_img[s]
-    findings = [COMPARISON[sty['comp']]]
+    findings = [COMPARISON[sty['comp']]] if r.random() < 0.6 else []
     for k in DEVICES:
       if i >= 0 and params[k][i] > 0:
         findings.append(DEVICES[k][sty['dev'][k]])
@@ -552,11 +583,12 @@ def make_reports(cfg: SyntheticConfig, st: dict, params: dict, seed: int) -> lis
       findings.append(pick(EFFUSION))
     else:
       findings.append(PLEURA[sty['pleura']])
-    if r.random() < 0.3:
+    if r.random() < 0.25:
       findings.append(pick(ATELECTASIS))
     if own:
       findings += [t.format(w=w) for t, w in sty['rare']]
-    findings.append(CLOSING[sty['close']])
+    if r.random() < 0.5:
+      findings.append(CLOSING[sty['close']])
     if r.random() < p_grade:
       imp = pick(GRADE_IMPRESSION[g])
       if r.random() < cfg.hedge_prob:

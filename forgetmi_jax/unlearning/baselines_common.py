@@ -203,6 +203,10 @@ class BaselineMethod(Method):
       mask = None
     return make_tx(self.cfg, params, mask)
 
+  def prepare_batch(self, batch, epoch):
+    """Baselines never read the noisy forget copies: do not ship them to the devices."""
+    return {k: v for k, v in batch.items() if k != 'forget_noisy'}
+
   def retain_batches(self, epoch):
     """One pass over the whole retain set, shuffled by (seed, epoch); full batches only."""
     from forgetmi_jax.data.pipeline import batches

@@ -5,10 +5,11 @@ Same blocks and loss as CF-k (see cf_k.py); the re-initialised leaves take a fre
 init (`ctx.init_params`, key from the seed) and their BatchNorm running statistics restart at
 flax's init (mean 0, variance 1), so nothing in them comes from the original.
 """
+import types
+
 import jax
 import jax.numpy as jnp
 
-from forgetmi_jax.train.state import TrainState
 from forgetmi_jax.unlearning.baselines_common import path_names
 from forgetmi_jax.unlearning.cf_k import CFkMethod
 
@@ -38,5 +39,4 @@ class EUkMethod(CFkMethod):
     key = jax.random.fold_in(jax.random.PRNGKey(int(self.ctx.config.seed)), REINIT)
     params, stats = reinitialise(original_state.params, original_state.batch_stats,
                                  self.ctx.init_params(key), self.trainable)
-    rng = jax.random.fold_in(jax.random.PRNGKey(int(self.ctx.config.seed)), 7919)
-    return TrainState.create(params, stats, self.make_tx(params), rng)
+    return super().init_state(types.SimpleNamespace(params=params, batch_stats=stats))

@@ -1,0 +1,306 @@
+"""Tokenise once, then serve fixed-shape batches with grain.
+
+Shapes are fixed for jit: every batch has exactly `batch_size` rows. A final partial batch is
+padded by repeating its first real example and carries `mask` float32 [b] (1 real, 0 padding);
+losses and metrics must weight rows by `mask` (padding rows have valid ids and labels, so any
+lookup by `id` stays in range). `drop_remainder=True` drops the partial batch instead.
+
+Batch dict: image float32 [b,H,W,1] in [0,1], input_ids / attention_mask int32 [b,L],
+label int32 [b], id int32 [b] (the image's row in the cohort), mask float32 [b].
+Unlearning steps: {'forget': batch, 'retain': batch, 'forget_noisy': {'input_ids',
+'attention_mask': int32 [K,b,L]}} (K noisy text draws; the clean tokens with K=1 when no noisy
+tokens are given).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import math
+import os
+import tempfile
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from forgetmi_jax.data.tokenizer import tokenizer_fingerprint
+
+BATCH_KEYS = ('image', 'input_ids', 'attention_mask', 'label', 'id', 'mask')
+_CACHE: 'collections.OrderedDict[tuple, dict]' = collections.OrderedDict()
+_CACHE_SIZE = 8
+
+
+# ------------------------------------------------------------------------------- tokenising
+def tokenize(tokenizer, texts: Sequence[str], max_len: int, cache_dir=None) -> dict:
+  """{'input_ids', 'attention_mask'}: int32 [N, max_len], padded / truncated ([CLS] ... [SEP]).
+
+  Each distinct text is tokenised once (studies share their report). Results are cached in
+  memory by (tokenizer fingerprint, max_len, texts) and, with `cache_dir`, on disk (.npz,
+  written atomically; holds token ids only).
+  """
+  texts = [str(t) for t in texts]
+  codes, uniq = pd.factorize(pd.Series(texts, dtype=object), sort=False)
+  h = hashlib.sha1()
+  for t in uniq:
+    h.update(t.encode('utf-8', 'surrogatepass'))
+    h.update(b'\x00')
+  key = (tokenizer_fingerprint(tokenizer), int(max_len), h.hexdigest())
+  enc = _CACHE.get(key)
+  path = None
+  if enc is None and cache_dir:
+    path = os.path.join(os.fspath(cache_dir), f'tokens-{key[0]}-{key[1]}-{key[2][:16]}.npz')
+    if os.path.exists(path):
+      with np.load(path) as z:
+        enc = {'input_ids': z['input_ids'], 'attention_mask': z['attention_mask']}
+  if enc is None:
+    enc = _encode(tokenizer, list(uniq), max_len)
+    if path:
+      _atomic_savez(path, **enc)
+  _CACHE[key] = enc
+  _CACHE.move_to_end(key)
+  while len(_CACHE) > _CACHE_SIZE:
+    _CACHE.popitem(last=False)
+  return {k: v[codes] for k, v in enc.items()}
+
+
+def _encode(tokenizer, texts, max_len, chunk=4096):
+  ids, mask = [], []
+  for s in range(0, len(texts), chunk):
+    e = tokenizer(texts[s:s + chunk], max_length=int(max_len), padding='max_length',
+                  truncation=True, return_tensors='np', return_token_type_ids=False)
+    ids.append(np.asarray(e['input_ids'], np.int32))
+    mask.append(np.asarray(e['attention_mask'], np.int32))
+  if not ids:
+    return {'input_ids': np.zeros((0, max_len), np.int32),
+            'attention_mask': np.zeros((0, max_len), np.int32)}
+  return {'input_ids': np.concatenate(ids), 'attention_mask': np.concatenate(mask)}
+
+
+def _atomic_savez(path, **arrays):
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.npz', dir=os.path.dirname(path) or '.')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, **arrays)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+# ----------------------------------------------------------------------------------- source
+class ExampleSource:
+  """The cohort plus per-image tokens: a grain RandomAccessDataSource (len, getitem).
+
+  `get_batch(idx, pad_to)` is the fast path used by the iterators (one vectorised read).
+  """
+
+  def __init__(self, cohort, input_ids: np.ndarray, attention_mask: np.ndarray):
+    if len(input_ids) != len(cohort) or len(attention_mask) != len(cohort):
+      raise ValueError(f'{len(input_ids)} token rows for a cohort of {len(cohort)} images')
+    self.cohort = cohort
+    self.input_ids = np.asarray(input_ids, np.int32)
+    self.attention_mask = np.asarray(attention_mask, np.int32)
+    self.labels = np.asarray(cohort.labels, np.int32)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i) -> dict:
+    b = self.get_batch(np.asarray([int(i)]))
+    return {k: v[0] for k, v in b.items()}
+
+  def __getitems__(self, idx) -> list:
+    b = self.get_batch(np.asarray(idx))
+    return [{k: v[j] for k, v in b.items()} for j in range(len(idx))]
+
+  @property
+  def max_len(self) -> int:
+    return self.input_ids.shape[1]
+
+  def get_batch(self, idx, pad_to: int | None = None) -> dict:
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    n = len(idx)
+    if n == 0:
+      raise ValueError('empty batch')
+    mask = np.ones(n, np.float32)
+    if pad_to is not None and n < pad_to:
+      idx = np.concatenate([idx, np.repeat(idx[:1], pad_to - n)])
+      mask = np.concatenate([mask, np.zeros(pad_to - n, np.float32)])
+    return {'image': self.cohort.get_images(idx), 'input_ids': self.input_ids[idx],
+            'attention_mask': self.attention_mask[idx], 'label': self.labels[idx],
+            'id': idx.astype(np.int32), 'mask': mask}
+
+
+def make_arrays(cohort, tokenized: dict) -> ExampleSource:
+  """Wrap a cohort and its per-image tokens (from `tokenize(tok, cohort.reports, L)`)."""
+  return ExampleSource(cohort, tokenized['input_ids'], tokenized['attention_mask'])
+
+
+def make_source(cohort, tokenizer, max_len: int, cache_dir=None) -> ExampleSource:
+  return make_arrays(cohort, tokenize(tokenizer, cohort.reports, max_len, cache_dir=cache_dir))
+
+
+# ------------------------------------------------------------------------------ noisy text
+@dataclasses.dataclass
+class NoisyTokens:
+  """K tokenised noisy copies of the forget reports: arrays [K, n, L] for image ids `ids`."""
+  ids: np.ndarray
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+
+  def __post_init__(self):
+    self.ids = np.asarray(self.ids, np.int64)
+    self._row = {int(i): r for r, i in enumerate(self.ids)}
+
+  @property
+  def num_draws(self) -> int:
+    return self.input_ids.shape[0]
+
+  def lookup(self, image_ids) -> dict:
+    try:
+      rows = np.asarray([self._row[int(i)] for i in np.asarray(image_ids).reshape(-1)])
+    except KeyError as e:
+      raise KeyError(f'image {e.args[0]} has no noisy tokens (not in the forget set)') from None
+    return {'input_ids': self.input_ids[:, rows], 'attention_mask': self.attention_mask[:, rows]}
+
+
+def make_noisy_tokens(tokenizer, cohort, forget_idx, noiser, max_len: int, num_draws: int = 1,
+                      epoch: int = 0) -> NoisyTokens:
+  """Noise each forget image's report K times (`TextNoiser`, keyed by image id) and tokenise."""
+  forget_idx = np.asarray(forget_idx, np.int64)
+  texts = [cohort.reports[int(i)] for i in forget_idx]
+  draws = noiser.apply(texts, forget_idx, num_draws=num_draws, epoch=epoch)
+  enc = [_encode(tokenizer, d, max_len) for d in draws]
+  return NoisyTokens(ids=forget_idx, input_ids=np.stack([e['input_ids'] for e in enc]),
+                     attention_mask=np.stack([e['attention_mask'] for e in enc]))
+
+
+def noisy_token_table(source, cohort, forget_idx, noiser, num_draws: int, tokenizer,
+                      max_len: int, epoch: int = 0) -> NoisyTokens:
+  """`make_noisy_tokens` in the argument order the run pipeline uses (source is unused)."""
+  del source
+  return make_noisy_tokens(tokenizer, cohort, forget_idx, noiser, max_len, num_draws=num_draws,
+                           epoch=epoch)
+
+
+# -------------------------------------------------------------------------------- iterators
+def _read_options(num_threads: int, prefetch: int):
+  import grain
+  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+
+
+def _epoch_rng(seed: int, epoch: int, purpose: int) -> np.random.Generator:
+  return np.random.default_rng([int(seed), int(epoch), purpose])
+
+
+def batches(source: ExampleSource, indices, batch_size: int, *, seed: int | None = None,
+            epoch: int = 0, drop_remainder: bool = False, pad_to_batch: bool = True,
+            num_threads: int = 1, prefetch: int = 2) -> Iterator[dict]:
+  """Batches over `indices` (shuffled by (seed, epoch) when seed is given), via grain.
+
+  Pipeline: grain MapDataset over batch numbers -> map(slice of the permuted index array ->
+  source.get_batch, one vectorised read per batch) -> IterDataset with `num_threads` reader
+  threads prefetching `prefetch` batches (num_threads=0: read in the caller's thread).
+  """
+  import grain
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  if seed is not None:
+    indices = indices[_epoch_rng(seed, epoch, 1).permutation(len(indices))]
+  n = len(indices)
+  steps = n // batch_size if drop_remainder else math.ceil(n / batch_size)
+  if steps == 0:
+    return iter(())
+  pad = batch_size if pad_to_batch else None
+
+  def read(s):
+    s = int(s)
+    return source.get_batch(indices[s * batch_size:(s + 1) * batch_size], pad_to=pad)
+
+  ds = grain.MapDataset.range(steps).map(read)
+  return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
+
+
+def unlearning_batches(source: ExampleSource, forget_idx, retain_sampler, epoch: int,
+                       batch_size: int, noisy_tokens=None, seed: int = 0,
+                       num_threads: int = 1, prefetch: int = 2) -> Iterator[dict]:
+  """One unlearning epoch: the whole forget set once (shuffled by (seed, epoch)), each forget
+  batch paired with as many retain examples, `retain_sampler.epoch(epoch, len(forget))`.
+
+  `noisy_tokens`: a NoisyTokens, a callable epoch -> NoisyTokens (text noise redrawn per
+  epoch), or None (then 'forget_noisy' holds the clean tokens with K = 1).
+  Every step has exactly `batch_size` rows per set (padding masked, see module docstring).
+  """
+  import grain
+  forget = np.asarray(forget_idx, np.int64).reshape(-1)
+  if len(forget) == 0:
+    return iter(())
+  forget = forget[_epoch_rng(seed, epoch, 2).permutation(len(forget))]
+  retain = np.asarray(retain_sampler.epoch(epoch, len(forget)), np.int64)
+  noisy = noisy_tokens(epoch) if callable(noisy_tokens) else noisy_tokens
+  steps = math.ceil(len(forget) / batch_size)
+
+  def step(s):
+    s = int(s)
+    f = source.get_batch(forget[s * batch_size:(s + 1) * batch_size], pad_to=batch_size)
+    r = source.get_batch(retain[s * batch_size:(s + 1) * batch_size], pad_to=batch_size)
+    if noisy is None:
+      fn = {'input_ids': f['input_ids'][None], 'attention_mask': f['attention_mask'][None]}
+    else:
+      fn = noisy.lookup(f['id'])
+    return {'forget': f, 'retain': r, 'forget_noisy': fn}
+
+  ds = grain.MapDataset.range(steps).map(step)
+  return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
+
+
+def target_batches(source: ExampleSource, indices, batch_size: int, noisy_tokens=None
+                   ) -> Iterator[dict]:
+  """All of `indices` in order, in padded batches shaped like an unlearning step's forget part:
+  {'forget': batch, 'forget_noisy': [K,b,L] tokens} (for caching the frozen model's outputs).
+  """
+  noisy = noisy_tokens(0) if callable(noisy_tokens) else noisy_tokens
+  for b in batches(source, indices, batch_size, seed=None, pad_to_batch=True):
+    if noisy is None:
+      fn = {'input_ids': b['input_ids'][None], 'attention_mask': b['attention_mask'][None]}
+    else:
+      fn = noisy.lookup(b['id'])
+    yield {'forget': b, 'forget_noisy': fn}
+
+
+# ---------------------------------------------------------------------------------- devices
+def shard(batch, num_devices: int, batch_axis: Callable[[tuple], int] | None = None):
+  """Split the example axis over devices: leaves [b, ...] -> [D, b/D, ...].
+
+  Leaves under a 'forget_noisy' key have the example axis second ([K, b, L]) and become
+  [D, K, b/D, L]. Pass `batch_axis(path) -> axis` to override.
+  """
+  import jax
+  if num_devices < 1:
+    raise ValueError(f'num_devices must be >= 1, got {num_devices}')
+
+  def axis_of(path):
+    if batch_axis is not None:
+      return batch_axis(path)
+    keys = [getattr(p, 'key', None) for p in path]
+    return 1 if 'forget_noisy' in keys else 0
+
+  def split(path, x):
+    x = np.asarray(x)
+    ax = axis_of(path)
+    n = x.shape[ax]
+    if n % num_devices:
+      name = '/'.join(str(getattr(p, 'key', p)) for p in path)
+      raise ValueError(f'batch axis of {name!r} has {n} rows, not divisible by {num_devices} '
+                       f'devices; use a batch size that is a multiple of the device count')
+    shape = x.shape[:ax] + (num_devices, n // num_devices) + x.shape[ax + 1:]
+    return np.moveaxis(x.reshape(shape), ax, 0)
+
+  return jax.tree_util.tree_map_with_path(split, batch)
