@@ -38,7 +38,14 @@ def tiny():
   return model, variables
 
 
-def test_names_shapes_and_hashable(tiny):
+@pytest.fixture(scope='module')
+def evaluate(tiny):
+  """One compiled eval-mode forward shared by the tests (no dropout rng passed)."""
+  model, _ = tiny
+  return jax.jit(lambda v, images, ids, mask: model.apply(v, images, ids, mask, train=False))
+
+
+def test_names_shapes_and_hashable(tiny, evaluate):
   model, variables = tiny
   assert set(variables) == {'params', 'batch_stats'}
   assert set(variables['params']) == {'image_encoder', 'text_encoder', 'fusion', 'image_head',
@@ -48,7 +55,7 @@ def test_names_shapes_and_hashable(tiny):
   assert set(variables['batch_stats']) == {'image_encoder'}
   hash(model)  # dict fields are frozen so the module can be a jit static argument
   images, ids, mask, _ = _batch()
-  out = jax.jit(lambda v: model.apply(v, images, ids, mask, train=False))(variables)
+  out = evaluate(variables, images, ids, mask)
   assert isinstance(out, ModelOutputs)
   shapes = {k: getattr(out, k).shape for k in ('z_img', 'z_txt', 'z_uni', 'z_joint',
                                                 'logits_img', 'logits_txt', 'logits_joint')}
@@ -64,11 +71,9 @@ def test_names_shapes_and_hashable(tiny):
                              + p['joint_head']['bias'], rtol=1e-5, atol=1e-5)
 
 
-def test_eval_is_deterministic_without_dropout_rng(tiny):
-  model, variables = tiny
-  images, ids, mask, _ = _batch()
-  run = jax.jit(lambda v: model.apply(v, images, ids, mask, train=False))
-  a, b = run(variables), run(variables)
+def test_eval_is_deterministic_without_dropout_rng(tiny, evaluate):
+  _, variables = tiny
+  a, b = evaluate(variables, *_batch()[:3]), evaluate(variables, *_batch()[:3])
   jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 

@@ -19,7 +19,7 @@ import hashlib
 import math
 import os
 import tempfile
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd

@@ -78,10 +78,17 @@ class MultimodalModel(nn.Module):
 
 def init_variables(model: MultimodalModel, rng: jax.Array, image_size: int, text_len: int,
                    batch: int = 2) -> dict:
-  """Fresh {'params', 'batch_stats'} from dummy inputs (eval mode, so no dropout rng)."""
+  """Fresh {'params', 'batch_stats'} from dummy inputs (eval mode, so no dropout rng).
+
+  On CPU the init is compiled with LLVM optimisation off: XLA-CPU spends most of an init's
+  compile on the dozens of threefry draws (15 s -> 5 s for the tiny model) and the program
+  runs once, so its speed does not matter; the values are the same to float rounding.
+  """
   images = jnp.zeros((batch, image_size, image_size, 1), jnp.float32)
   ids = jnp.zeros((batch, text_len), jnp.int32)
-  variables = jax.jit(lambda r: model.init(r, images, ids, jnp.ones_like(ids), train=False))(rng)
+  init = jax.jit(lambda r: model.init(r, images, ids, jnp.ones_like(ids), train=False))
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+  variables = init.lower(rng).compile(compiler_options=options)(rng)
   return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 
@@ -118,6 +125,10 @@ def build_model(model_cfg):
     text_cfg = dataclasses.replace(bert.config, **{k: text[k] for k in _DROPOUT_KEYS if k in text})
   else:
     text_cfg = BertConfig(**text)
+  # The ranking loss compares image and text embeddings by dot product, so they share a
+  # width: the image embedding follows the text encoder's hidden size unless set explicitly.
+  if not image.get('embed_dim'):
+    image['embed_dim'] = int(text_cfg.hidden_size)
   model = MultimodalModel(image=image, text=text_cfg, fusion=dict(cfg.get('fusion') or {}),
                           num_classes=int(cfg.get('num_classes', 4)))
   return model, text_params, tokenizer

@@ -28,15 +28,22 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard_batch(batch, mesh: Mesh):
-  """Put a host batch on the mesh, split along the leading (example) axis."""
+  """Put a host batch on the mesh, split along the example axis.
+
+  The example axis is the leading one, except under 'forget_noisy' ([K, B, L]: noise draws
+  first), where it is the second.
+  """
   n = mesh.devices.size
 
-  def put(x):
+  def put(path, x):
     x = np.asarray(x)
     if x.ndim == 0:
       return jax.device_put(x, NamedSharding(mesh, P()))
-    if x.shape[0] % n:
-      raise ValueError(f'batch axis {x.shape[0]} is not divisible by {n} devices; '
+    draw_first = any(getattr(k, 'key', None) == 'forget_noisy' for k in path)
+    axis = 1 if draw_first else 0
+    if x.shape[axis] % n:
+      raise ValueError(f'batch axis {x.shape[axis]} is not divisible by {n} devices; '
                        f'use a batch size that is a multiple of the device count')
-    return jax.device_put(x, NamedSharding(mesh, P('data')))
-  return jax.tree_util.tree_map(put, batch)
+    spec = P(None, 'data') if draw_first else P('data')
+    return jax.device_put(x, NamedSharding(mesh, spec))
+  return jax.tree_util.tree_map_with_path(put, batch)

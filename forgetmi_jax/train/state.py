@@ -61,7 +61,7 @@ def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6, frozen: Sequence[str
   chain = []
   if clip_norm:
     chain.append(optax.clip_by_global_norm(clip_norm))
-  chain.append(optax.inject_hyperparams(optax.adamw)(
+  chain.append(optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
       learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
   mask = frozen_mask(params) if frozen_mask is not None else (
       prefix_mask(params, frozen) if frozen else None)
