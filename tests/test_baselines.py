@@ -305,8 +305,8 @@ def expected_trainable(key, k_image, k_text):
   """The smoke model's last-k set written out by hand (small32: 3 stages x 1 block; 1 layer)."""
   image_blocks = ['stage0_block0', 'stage1_block0', 'stage2_block0']
   parts = key.split('/')
-  if parts[0] == 'image_encoder':
-    return parts[1] in image_blocks[len(image_blocks) - k_image:]
+  if parts[0] == 'image_encoder':  # the projection to the text width runs after the blocks
+    return parts[1] == 'projection' or parts[1] in image_blocks[len(image_blocks) - k_image:]
   if parts[0] == 'text_encoder':
     return parts[1] == 'pooler' or (k_text >= 1 and parts[1] == 'layer_0')
   return True

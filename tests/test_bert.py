@@ -210,6 +210,19 @@ def test_other_weight_formats_load_the_same_params(pretraining_folder, tmp_path)
     _, params, _ = from_pretrained(str(folder))
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
 
+  # bfloat16 safetensors (numpy has no bfloat16): upcast to float32 on load.
+  from safetensors.torch import save_file
+  bf_dir = tmp_path / 'bf16'
+  bf_dir.mkdir()
+  _copy_config(pretraining_folder, bf_dir)
+  save_file({k: torch.from_numpy(np.array(v)).bfloat16() if v.dtype == np.float32
+             else torch.from_numpy(np.array(v)) for k, v in state.items()},
+            str(bf_dir / 'model.safetensors'))
+  _, params, _ = from_pretrained(str(bf_dir))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2),
+                         params, expected)
+
 
 def test_no_weights_file_raises(tmp_path):
   (tmp_path / 'config.json').write_text(json.dumps({'hidden_size': 32, 'num_attention_heads': 4}))

@@ -59,8 +59,9 @@ def test_names_shapes_and_hashable(tiny, evaluate):
   assert isinstance(out, ModelOutputs)
   shapes = {k: getattr(out, k).shape for k in ('z_img', 'z_txt', 'z_uni', 'z_joint',
                                                 'logits_img', 'logits_txt', 'logits_joint')}
-  assert shapes == {'z_img': (B, 768), 'z_txt': (B, 128), 'z_uni': (B, 896),
-                    'z_joint': (B, 768), 'logits_img': (B, 4), 'logits_txt': (B, 4),
+  # build_model matches the image embedding width to the text's (dot-product ranking loss).
+  assert shapes == {'z_img': (B, 128), 'z_txt': (B, 128), 'z_uni': (B, 256),
+                    'z_joint': (B, 128), 'logits_img': (B, 4), 'logits_txt': (B, 4),
                     'logits_joint': (B, 4)}
   np.testing.assert_array_equal(out.z_uni, jnp.concatenate([out.z_img, out.z_txt], -1))
   # Heads are plain linear maps of the embeddings.
@@ -108,7 +109,7 @@ def test_jitted_forward_backward_gives_finite_grads_for_every_param(tiny):
 
 def test_resnet_instance_as_image_field_gives_same_tree(tiny):
   _, variables = tiny
-  model = MultimodalModel(image=ResNetEncoder(**resnet_preset('small64')),
+  model = MultimodalModel(image=ResNetEncoder(**{**resnet_preset('small64'), 'embed_dim': 128}),
                           text=BertConfig(**{k: v for k, v in TINY['text'].items()
                                              if k != 'pretrained_path'}),
                           fusion=TINY['fusion'])
@@ -118,6 +119,26 @@ def test_resnet_instance_as_image_field_gives_same_tree(tiny):
   same = jax.tree_util.tree_map(lambda a, b: a.shape == b.shape, shapes['params'],
                                 variables['params'])
   assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_build_model_image_width_follows_text_unless_given():
+  model, _, _ = build_model(TINY)
+  assert model.image['embed_dim'] == 128
+  model, _, _ = build_model({**TINY, 'image': {'preset': 'small64', 'embed_dim': 768}})
+  assert model.image['embed_dim'] == 768
+  paper = {**TINY, 'image': {'preset': 'paper'},
+           'text': {'vocab_size': 31090, 'hidden_size': 768, 'num_hidden_layers': 1,
+                    'num_attention_heads': 12, 'intermediate_size': 3072}}
+  model, _, _ = build_model(paper)
+  images = jax.ShapeDtypeStruct((1, 2048, 2048, 1), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  shapes = jax.eval_shape(lambda x, i: model.init(jax.random.PRNGKey(0), x, i, i, train=False),
+                          images, ids)
+  # With BERT-base width the reference ResNet stays exact: 768 = 192 * 2 * 2, no projection.
+  assert 'projection' not in shapes['params']['image_encoder']
+  n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+      [shapes['params']['image_encoder'], shapes['params']['image_head']]))
+  assert n == 3_313_548
 
 
 def test_build_model_rejects_unknown_text_keys():

@@ -301,7 +301,17 @@ def read_hf_weights(path: str) -> Dict[str, np.ndarray]:
     raise FileNotFoundError(f'{path}: no weights file (looked for {", ".join(_WEIGHT_FILES)})')
   if fname == 'model.safetensors':
     from safetensors.numpy import load_file
-    return load_file(fpath)
+    try:
+      return load_file(fpath)
+    except TypeError:  # bfloat16 tensors: numpy has no such dtype; read via jax, upcast
+      from safetensors import safe_open
+      out = {}
+      with safe_open(fpath, framework='flax') as f:
+        for k in f.keys():
+          t = f.get_tensor(k)
+          out[k] = np.asarray(t.astype(jnp.float32) if jnp.issubdtype(t.dtype, jnp.floating)
+                              else t)
+      return out
   if fname == 'flax_model.msgpack':
     from flax import serialization
     with open(fpath, 'rb') as f:

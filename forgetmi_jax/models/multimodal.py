@@ -92,7 +92,6 @@ def init_variables(model: MultimodalModel, rng: jax.Array, image_size: int, text
   return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 
-_TEXT_ONLY_KEYS = ('pretrained_path',)
 _DROPOUT_KEYS = ('hidden_dropout_prob', 'attention_probs_dropout_prob')
 
 
@@ -100,7 +99,9 @@ def build_model(model_cfg):
   """Model config (ConfigDict or dict) -> (model, pretrained_text_params or None, tokenizer or None).
 
   image:  {preset: 'paper'|'small128'|'small64'|'small32', <ResNetEncoder kwargs overriding it>}
-          or explicit kwargs with preset ''.
+          or explicit kwargs with preset ''. Without an explicit embed_dim the image embedding
+          is projected to the text hidden size (no projection when they already agree, e.g.
+          'paper' with BERT-base: 768).
   text:   {pretrained_path: '' (random init from the BertConfig fields given) or a Hugging Face
           BERT folder (architecture from its config.json; only the dropout rates given here
           apply)}.

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 # torchvision initialises convs with kaiming_normal(mode='fan_out', nonlinearity='relu').
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
-# Named configurations (kwargs of ResNetEncoder). Every one gives a 768-d embedding.
+# Named configurations (kwargs of ResNetEncoder). All but 'fast64' give a 768-d map.
 _PRESETS = {
     # Exact reference at 2048x2048: 512 after the stem, 7 stride-2 stages -> 4x4x192,
     # 2x2 average pool -> 2x2x192 -> 768.
@@ -32,6 +32,10 @@ _PRESETS = {
     'small64': dict(stem_channels=8, stem_kernel=7, stem_stride=2,
                     stage_channels=(16, 32, 64, 192), blocks_per_stage=2,
                     pool='adaptive', pool_grid=2, embed_dim=None),
+    # 64 px, cheap on CPU (the synthetic default): a stride-4 stem to 16x16, 3 stages -> 2x2x128.
+    'fast64': dict(stem_channels=16, stem_kernel=7, stem_stride=4,
+                   stage_channels=(32, 64, 128), blocks_per_stage=2,
+                   pool='adaptive', pool_grid=2, embed_dim=None),
     # 32 px (smoke runs): 16 after the stem, 3 stages -> 2x2x192 -> 768.
     'small32': dict(stem_channels=8, stem_kernel=7, stem_stride=2,
                     stage_channels=(16, 32, 192), blocks_per_stage=1,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from forgetmi_jax.train.common import cross_entropy, forward
-from forgetmi_jax.train.state import decay_mask, prefix_mask
+from forgetmi_jax.train.state import decay_mask, make_optimizer, prefix_mask
 from forgetmi_jax.unlearning.common import Method
 
 ENCODERS = ('image_encoder', 'text_encoder')
@@ -117,17 +117,6 @@ def make_sgd(params, lr, momentum=0.9, weight_decay=0.0, frozen_mask=None):
   return optax.chain(*chain)
 
 
-def make_adamw(params, lr, weight_decay=0.01, eps=1e-6, frozen_mask=None):
-  """AdamW as train.state.make_optimizer builds it (decay on kernels/embeddings only, lr
-  injected, frozen leaves zeroed), with `mask` declared static: optax's inject_hyperparams
-  would otherwise call the decay-mask function as a learning-rate schedule."""
-  chain = [optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
-      learning_rate=lr, eps=eps, weight_decay=weight_decay, mask=decay_mask)]
-  if frozen_mask is not None:
-    chain.append(optax.masked(optax.set_to_zero(), frozen_mask))
-  return optax.chain(*chain)
-
-
 def make_tx(cfg, params, frozen_mask=None):
   """The method's optimiser from its config group: `optimizer` is 'sgd' or 'adamw'."""
   kind = str(cfg.get('optimizer', 'adamw'))
@@ -135,8 +124,9 @@ def make_tx(cfg, params, frozen_mask=None):
     return make_sgd(params, float(cfg.lr), float(cfg.get('momentum', 0.9)),
                     float(cfg.weight_decay), frozen_mask)
   if kind == 'adamw':
-    return make_adamw(params, float(cfg.lr), float(cfg.weight_decay),
-                      float(cfg.get('adam_eps', 1e-6)), frozen_mask)
+    return make_optimizer(params, float(cfg.lr), weight_decay=float(cfg.weight_decay),
+                          eps=float(cfg.get('adam_eps', 1e-6)),
+                          frozen_mask=None if frozen_mask is None else (lambda _: frozen_mask))
   raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {kind!r}")
 
 

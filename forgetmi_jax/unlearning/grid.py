@@ -278,44 +278,47 @@ def _check_compatible(methods):
 
 
 class GroupRun:
-  """One seed group's settings set up for the vmapped program (states, hparams, targets)."""
+  """One seed group's settings, set up once for any number of vmapped chunks.
+
+  The frozen original's targets (retain: once; forget: once per distinct noise setting, again
+  each epoch only when the noise is resampled) are computed here and shared by every chunk.
+  """
 
   def __init__(self, ctx, unlearn_cfg, settings: Sequence[Setting], original_state):
     if len({s.seed for s in settings}) != 1:
       raise ValueError('a vmapped group must share one seed (it shares the data order)')
+    self.ctx = ctx
     self.settings = list(settings)
     self.methods = [make_method(ctx, unlearn_cfg, s) for s in settings]
     _check_compatible(self.methods)
     self.lead = self.methods[0]
-    self.noise_keys = list(dict.fromkeys(s.noise_key for s in settings))
-    self.noise_methods = {k: self.methods[[s.noise_key for s in settings].index(k)]
-                          for k in self.noise_keys}
-    self.noise_index = np.asarray([self.noise_keys.index(s.noise_key) for s in settings],
-                                  np.int32)
-    self.mesh = ctx.mesh
-    self.original_host = original_state
+    keys = [s.noise_key for s in settings]
+    self.noise_keys = list(dict.fromkeys(keys))
+    self.noise_methods = {k: self.methods[keys.index(k)] for k in self.noise_keys}
+    self.noise_index = np.asarray([self.noise_keys.index(k) for k in keys], np.int32)
     self.num_draws = int(self.lead.static['num_draws'])
+    self.original_host = original_state
+    self.original = None
+    self.epochs = self.lead.epochs
+    self.prepare_seconds = 0.0
 
-  def initial(self):
-    """(stacked states, stacked hparams): every copy starts as the original with its own lr."""
-    base = self.lead.init_state(self.original_host)
-    states = [base.replace(opt_state=set_learning_rate(base.opt_state, s.lr))
-              for s in self.settings]
-    hparams = stack([m.hparams() for m in self.methods])
-    return stack(states), hparams
-
-  def prepare(self, original):
+  # -- the frozen original's outputs ----------------------------------------------------------
+  def prepare(self):
     """Retain targets once (setting-independent); every noise method shares them."""
-    self.lead.prepare(original)
+    t0 = time.time()
+    self.original = parallel.replicate(self.original_host, self.ctx.mesh)
+    self.lead.prepare(self.original)
     for m in self.noise_methods.values():
       if m is not self.lead:
         m.targets = {'retain': self.lead.targets['retain']}
     self.noise_hp = {k: m.hparams() for k, m in self.noise_methods.items()}
+    self.start_epoch(0)
+    self.prepare_seconds = time.time() - t0
 
-  def start_epoch(self, epoch, original):
-    """Forget targets per distinct noise setting (again each epoch when noise is resampled)."""
+  def start_epoch(self, epoch):
+    """Forget targets per distinct noise setting (recomputed only when noise is resampled)."""
     for k, m in self.noise_methods.items():
-      self.noise_hp[k] = m.start_epoch(epoch, self.noise_hp[k], original)
+      self.noise_hp[k] = m.start_epoch(epoch, self.noise_hp[k], self.original)
 
   def step_batch(self, batch, epoch):
     """The shared batch: forget/retain, the retain targets and [B, N, K, D] forget targets."""
@@ -336,57 +339,77 @@ class GroupRun:
                         'retain_joint': retain['retain_joint']},
             'forget_targets': forget_targets}
 
+  # -- copies ---------------------------------------------------------------------------------
+  def initial(self, indices):
+    """(stacked states, stacked hparams): every copy starts as the original with its own lr."""
+    base = self.lead.init_state(self.original_host)
+    states = [base.replace(opt_state=set_learning_rate(base.opt_state, self.settings[i].lr))
+              for i in indices]
+    return stack(states), stack([self.methods[i].hparams() for i in indices])
 
-def run_vmapped(ctx, unlearn_cfg, settings, original_state, program=None, desc='grid',
-                position=1):
-  """Train `settings` (one seed) together; returns (host states, seconds, histories).
+  def example(self):
+    """One copy's state and hparams and a prepared first batch (for `estimate_memory`)."""
+    if self.original is None:
+      self.prepare()
+    batch = self.step_batch(next(iter(self.lead.epoch_batches(0))), 0)
+    return self.lead.init_state(self.original_host), batch, self.lead.hparams()
 
-  `seconds` is the wall time of the whole chunk (target caching, compile, all epochs).
-  """
-  group = GroupRun(ctx, unlearn_cfg, settings, original_state)
-  if program is None:
-    program = VmappedForgetMI(ctx.apply_fn, num_draws=group.num_draws)
-  lead, n = group.lead, len(settings)
-  t0 = time.time()
-  original = parallel.replicate(original_state, ctx.mesh)
-  states, hparams = group.initial()
-  states = parallel.replicate(states, ctx.mesh)
-  group.prepare(original)
-  histories = [[] for _ in settings]
-  acc = None
-  noise_index = jnp.asarray(group.noise_index)
-  for epoch in tqdm(range(lead.epochs), desc=desc, unit='epoch', leave=False, position=position,
-                    dynamic_ncols=True):
-    group.start_epoch(epoch, original)
-    hparams = dict(hparams, epoch=jnp.full((n,), epoch, jnp.int32))
-    metrics, steps = None, 0
-    for i, batch in enumerate(lead.epoch_batches(epoch)):
-      b = parallel.shard_batch(group.step_batch(batch, epoch), ctx.mesh)
-      rng = lead.step_rng(epoch, i)
-      if lead.accumulate:
-        grads, stats, metrics = program.grads(states, original.params, original.batch_stats, b,
-                                              noise_index, rng, hparams)
-        acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
-        states = states.replace(batch_stats=stats)
-      else:
-        states, metrics = program.step(states, original.params, original.batch_stats, b,
-                                       noise_index, rng, hparams)
-      steps += 1
-    last = jax.device_get(metrics) if metrics is not None else {}
-    if lead.accumulate:  # REFERENCE 8.2: one step per epoch on summed grads, none in epoch 0
-      if epoch > 0 and acc is not None:
-        states = program.apply(states, acc)
-      acc = None
-    if lead.cap and epoch == 0:  # REFERENCE 8.3, per copy
-      from forgetmi_jax.unlearning.forgetmi import NO_CAP
-      cap = np.stack([np.asarray(last.get('ur', np.full(n, NO_CAP))) + 1.0,
-                      np.asarray(last.get('mr', np.full(n, NO_CAP))) + 1.0], axis=1)
-      hparams = dict(hparams, retention_cap=jnp.asarray(cap, jnp.float32))
-    for j in range(n):
-      histories[j].append({'epoch': epoch, 'steps': steps,
-                           **{k: float(np.asarray(v)[j]) for k, v in last.items()}})
-  host = jax.device_get(states)
-  return unstack(host, n), time.time() - t0, histories
+  def run_chunk(self, indices, program, pad_to=None, desc='grid', position=1):
+    """Train the settings at `indices` together; returns (host states, seconds, histories).
+
+    `pad_to`: repeat the last setting up to this many copies so every chunk has the same
+    shape and reuses one compiled program (the padded copies' results are dropped).
+    `seconds` is the chunk's wall time (its epochs and compile; not the shared targets).
+    """
+    if self.original is None:
+      self.prepare()
+    indices = list(indices)
+    real = len(indices)
+    if pad_to and pad_to > real:
+      indices = indices + [indices[-1]] * (pad_to - real)
+    n, lead, ctx = len(indices), self.lead, self.ctx
+    t0 = time.time()
+    states, hparams = self.initial(indices)
+    states = parallel.replicate(states, ctx.mesh)
+    noise_index = jnp.asarray(self.noise_index[indices])
+    histories = [[] for _ in range(real)]
+    acc = None
+    for epoch in tqdm(range(self.epochs), desc=desc, unit='epoch', leave=False,
+                      position=position, dynamic_ncols=True):
+      if epoch > 0:
+        self.start_epoch(epoch)
+      hparams = dict(hparams, epoch=jnp.full((n,), epoch, jnp.int32))
+      metrics, steps = None, 0
+      for i, batch in enumerate(lead.epoch_batches(epoch)):
+        b = parallel.shard_batch(self.step_batch(batch, epoch), ctx.mesh)
+        rng = lead.step_rng(epoch, i)
+        if lead.accumulate:
+          grads, stats, metrics = program.grads(states, self.original.params,
+                                                self.original.batch_stats, b, noise_index, rng,
+                                                hparams)
+          acc = grads if acc is None else jax.tree.map(jnp.add, acc, grads)
+          states = states.replace(batch_stats=stats)
+        else:
+          states, metrics = program.step(states, self.original.params,
+                                         self.original.batch_stats, b, noise_index, rng, hparams)
+        steps += 1
+      last = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()} if metrics else {}
+      if lead.accumulate:  # REFERENCE 8.2: one step per epoch on summed grads, none in epoch 0
+        if epoch > 0 and acc is not None:
+          states = program.apply(states, acc)
+        acc = None
+      if lead.cap and epoch == 0:  # REFERENCE 8.3, per copy
+        from forgetmi_jax.unlearning.forgetmi import NO_CAP
+        cap = np.stack([last.get('ur', np.full(n, NO_CAP)) + 1.0,
+                        last.get('mr', np.full(n, NO_CAP)) + 1.0], axis=1)
+        hparams = dict(hparams, retention_cap=jnp.asarray(cap, jnp.float32))
+      for j in range(real):
+        histories[j].append({'epoch': epoch, 'steps': steps,
+                             **{k: float(v[j]) for k, v in last.items()}})
+    if self.epochs > 1 and self.lead.resample:
+      self.start_epoch(0)  # the next chunk starts from epoch 0's targets again
+    host = unstack(jax.device_get(states), n)[:real]
+    return host, time.time() - t0, histories
 
 
 def run_sequential(ctx, unlearn_cfg, setting, original_state, ckpt_dir, desc='setting'):
@@ -394,14 +417,3 @@ def run_sequential(ctx, unlearn_cfg, setting, original_state, ckpt_dir, desc='se
   from forgetmi_jax.unlearning.common import run_unlearning
   method = make_method(ctx, unlearn_cfg, setting)
   return run_unlearning(method, original_state, ckpt_dir, desc=desc)
-
-
-def example_inputs(ctx, unlearn_cfg, settings, original_state):
-  """One copy's state and hparams and a prepared first batch (for `estimate_memory`)."""
-  group = GroupRun(ctx, unlearn_cfg, settings, original_state)
-  original = parallel.replicate(original_state, ctx.mesh)
-  group.prepare(original)
-  group.start_epoch(0, original)
-  batch = next(iter(group.lead.epoch_batches(0)))
-  state = group.lead.init_state(original_state)
-  return state, group.step_batch(batch, 0), group.lead.hparams(), group.num_draws

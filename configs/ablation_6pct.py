@@ -1,0 +1,11 @@
+"""Forget-MI ablation at 6 % (the grid of configs/ablation_10pct.py).
+
+python experiments/ablate.py --config configs/ablation_6pct.py[:smoke] [--workdir DIR]
+"""
+from configs import ablation_10pct, base
+
+
+def get_config(arg=None):
+  c = base.get_config(arg)
+  c.forget_fraction = 0.06
+  return ablation_10pct.add_ablation(c, arg)

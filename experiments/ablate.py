@@ -1,0 +1,29 @@
+"""Forget-MI ablation grid: loss weights x image noise x lr x seed on one forget set.
+
+  python experiments/ablate.py --config configs/ablation_10pct.py [--workdir DIR]
+  python experiments/ablate.py --config configs/ablation_10pct.py:smoke
+  python experiments/ablate.py --config configs/ablation_10pct.py --config.ablation.mode=sequential
+
+Writes ablation.json, ablation.md and rows/<setting_id>.json in the workdir (default
+runs/<config name>); rerunning resumes (finished settings are skipped). The original and
+retrained models come from (or go to) the shared cache.
+"""
+import logging
+import os
+
+from absl import app
+
+import _flags  # noqa: F401  (defines --config/--workdir, puts the repo on sys.path)
+from forgetmi_jax import ablation
+
+
+def main(argv):
+  del argv
+  logging.getLogger('forgetmi_jax').setLevel(logging.INFO)
+  payload = ablation.run_ablation(_flags.resolved_config(), _flags.config_name())
+  with open(os.path.join(payload['config']['workdir'], 'ablation.md')) as f:
+    print(f.read())
+
+
+if __name__ == '__main__':
+  app.run(main)
