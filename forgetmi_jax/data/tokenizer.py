@@ -1,4 +1,4 @@
-"""A BERT-style uncased WordPiece tokenizer trained offline on the cohort's reports.
+"""A BERT-style uncased WordPiece tokenizer built offline from the cohort's reports.
 
 Why: without network access there is no SciBERT vocabulary to download, and a small vocabulary
 fitted to the reports keeps a randomly initialised text encoder small. `[NOISE]` (the text
@@ -19,17 +19,15 @@ NOISE_TOKEN = '[NOISE]'
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir):
   """Train on `texts`, save to `out_dir` (atomically), return the transformers tokenizer."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-  from tokenizers import trainers
   import transformers
 
-  tok = Tokenizer(models.WordPiece(unk_token='[UNK]', max_input_chars_per_word=100))
-  tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                              strip_accents=None, lowercase=True)
-  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  trainer = trainers.WordPieceTrainer(vocab_size=int(vocab_size), min_frequency=1,
-                                      special_tokens=list(SPECIAL_TOKENS),
-                                      continuing_subword_prefix='##', show_progress=False)
-  tok.train_from_iterator((t for t in texts), trainer=trainer)
+  normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                          strip_accents=None, lowercase=True)
+  pre = pre_tokenizers.BertPreTokenizer()
+  vocab = _deterministic_vocab(texts, int(vocab_size), normalizer, pre)
+  tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token='[UNK]', max_input_chars_per_word=100))
+  tok.normalizer = normalizer
+  tok.pre_tokenizer = pre
   cls_id, sep_id = tok.token_to_id('[CLS]'), tok.token_to_id('[SEP]')
   tok.post_processor = processors.TemplateProcessing(
       single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
@@ -54,6 +52,26 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return load_tokenizer(out_dir)
+
+
+def _deterministic_vocab(texts, vocab_size, normalizer, pre_tokenizer):
+  """Specials, every character (and its ## continuation), then whole words by frequency.
+
+  Why not tokenizers' WordPieceTrainer: it breaks frequency ties through a randomly seeded
+  hash map, so two runs on the same texts give different vocabularies (and different token
+  ids), which breaks the same-seed-same-numbers rule and the model cache.
+  """
+  import collections
+  counts = collections.Counter()
+  for text in texts:
+    words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+    counts.update(w for w, _ in words)
+  chars = sorted({c for w in counts for c in w})
+  tokens = list(SPECIAL_TOKENS) + chars + ['##' + c for c in chars]
+  budget = max(0, vocab_size - len(tokens))
+  ranked = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+  tokens += ranked[:budget]
+  return {t: i for i, t in enumerate(tokens)}
 
 
 def load_tokenizer(path):
