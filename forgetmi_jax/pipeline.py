@@ -263,3 +263,34 @@ def run(config, config_name='run'):
                          {'history': {name: history},
                           'wall_seconds': {'total': time.time() - t_start}})
   return payload
+
+
+def reevaluate(workdir):
+  """Re-evaluate a finished run from its checkpoints (no training): rewrites its outputs."""
+  import ml_collections
+  from forgetmi_jax.evaluation.report import read_metrics
+  from forgetmi_jax.train.checkpoints import Checkpoints
+  from forgetmi_jax.unlearning import registry
+  path = os.path.join(workdir, 'metrics.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: run experiments/unlearn.py first')
+  old = read_metrics(path)
+  config = ml_collections.ConfigDict(old['config'])
+  with config.unlocked():
+    config.workdir = os.path.abspath(workdir)
+  prep = prepare(config)
+  split = prep.split
+  non_test = np.sort(np.concatenate([split.forget_idx, split.retain_idx]))
+  original, t_orig = train_or_load(prep, 'original', non_test)
+  retrain, t_retrain = train_or_load(prep, 'retrain', split.retain_idx)
+  name = config.method
+  method = registry.get(name)(make_context(prep, with_noisy_text=False),
+                              method_config(config, name))
+  ckpt = Checkpoints(os.path.join(prep.workdir, 'checkpoints', name))
+  unlearned, _ = ckpt.restore(method.init_state(original))
+  ckpt.close()
+  seconds = {k: v.get('seconds') for k, v in old['models'].items()}
+  results, losses = evaluate_models(prep, {'original': original, 'retrain': retrain,
+                                           name: unlearned}, seconds)
+  return save_outputs(prep, results, losses, {k: old[k] for k in ('history', 'wall_seconds')
+                                              if k in old})

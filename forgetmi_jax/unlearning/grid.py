@@ -15,7 +15,7 @@ What is shared and what is per copy:
   setting); its forget targets depend on the noise (mu, sigma), so they are computed once per
   distinct noise setting and each copy picks its own by index (`noise_index`);
 - per copy: loss_weights [S, 4], noise mu/sigma [S], retention_cap [S, 2], the learning rate
-  (inside opt_state, via `set_learning_rate`).
+  (inside opt_state, via `set_learning_rate`, read back by `with_learning_rate`).
 
 The per-setting objects are the normal `ForgetMIMethod`s (their hparams, epoch plan, step rngs
 and cached targets), so a copy's trajectory is the one `run_unlearning` gives for that setting,
@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from forgetmi_jax.train import parallel
@@ -147,6 +148,39 @@ def make_method(ctx, unlearn_cfg, setting):
 
 
 # ------------------------------------------------------------------------------ programs
+def _injected(s):
+  return isinstance(s, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+
+def learning_rates(opt_state):
+  """Every injected learning rate in an optimiser state (to verify a change took effect)."""
+  found = []
+  jax.tree.map(lambda s: found.append(s.hyperparams['learning_rate']) if _injected(s) else None,
+               opt_state, is_leaf=_injected)
+  return [float(v) for x in found for v in np.ravel(np.asarray(x))]
+
+
+def with_learning_rate(opt_state, lr):
+  """`set_learning_rate`, checked: optax >= 0.2 keeps injected hyperparameters in an
+  InjectStatefulHyperparamsState, which train.state.set_learning_rate (looking for
+  InjectHyperparamsState only) leaves unchanged. A grid must never silently train every copy
+  at the base lr, so both state classes are handled and the result is read back."""
+  out = set_learning_rate(opt_state, lr)
+  if not np.allclose(learning_rates(out), float(lr), rtol=1e-6):
+    def visit(s):
+      if not _injected(s):
+        return s
+      hp = dict(s.hyperparams)
+      hp['learning_rate'] = jnp.asarray(lr, dtype=jnp.asarray(hp['learning_rate']).dtype)
+      return s._replace(hyperparams=hp)
+    out = jax.tree.map(visit, opt_state, is_leaf=_injected)
+  rates = learning_rates(out)
+  if not rates or not np.allclose(rates, float(lr), rtol=1e-6):
+    raise ValueError(f'could not set the learning rate to {lr} (found {rates}): the optimiser '
+                     'needs optax.inject_hyperparams (train.state.make_optimizer)')
+  return out
+
+
 def stack(trees):
   return jax.tree.map(lambda *x: jnp.stack(x), *trees)
 
@@ -261,8 +295,7 @@ def plan_chunks(n, per_copy_bytes=None, fixed_bytes=0, budget_bytes=None, chunk_
     cap = n
   cap = max(1, min(cap, n))
   chunks = math.ceil(n / cap)
-  size = math.ceil(n / chunks)
-  return [min(size, n - i) for i in range(0, n, size)]
+  return [n // chunks + (1 if i < n % chunks else 0) for i in range(chunks)]
 
 
 # ------------------------------------------------------------------------------ running
@@ -362,7 +395,7 @@ class GroupRun:
   def initial(self, indices, program=None):
     """(stacked states, stacked hparams): every copy starts as the original with its own lr."""
     base = self.base_state(program)
-    states = [base.replace(opt_state=set_learning_rate(base.opt_state, self.settings[i].lr))
+    states = [base.replace(opt_state=with_learning_rate(base.opt_state, self.settings[i].lr))
               for i in indices]
     return stack(states), stack([self.methods[i].hparams() for i in indices])
 
