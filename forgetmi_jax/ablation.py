@@ -220,7 +220,7 @@ def train_grid(prep, original, settings, mode='vmap', ab=None, workdir=None, key
       share = seconds / size + group.prepare_seconds / len(members)
       extra = {'mode': 'vmap', 'chunk': {'seed': seed, 'index': c, 'size': size,
                                          'padded_to': max(sizes), 'seconds': seconds},
-               'plan': plan}
+               'chunk_plan': plan}
       yield [members[i] for i in idx], states, [share] * size, histories, extra
 
 
@@ -251,9 +251,6 @@ def run_ablation(config, config_name='ablation'):
       named = {s.setting_id: st for s, st in zip(unit, states)}
       metrics = evaluate_states(prep, retrain, named,
                                 {s.setting_id: sec for s, sec in zip(unit, seconds)})
-      plan = extra.pop('plan', None)
-      if plan is not None and plan not in chunking:
-        chunking.append(plan)
       ckpt_dir = extra.pop('ckpt_dir', None)
       for s, hist in zip(unit, histories):
         row = make_row(s, metrics[s.setting_id], hist, extra)
@@ -263,6 +260,9 @@ def run_ablation(config, config_name='ablation'):
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the row is the result
       bar.update(len(unit))
   rows = [done[s.setting_id] for s in settings]
+  for r in rows:  # how the chunks were sized, also for rows finished by an earlier invocation
+    if r.get('chunk_plan') and r['chunk_plan'] not in chunking:
+      chunking.append(r['chunk_plan'])
   payload = build_payload(prep, rows, models, chunking, time.time() - t_start)
   write_outputs(prep.workdir, payload)
   return payload
