@@ -78,7 +78,10 @@ def get_config(arg=None):
   c.unlearn.loss_weights = ml_collections.ConfigDict(dict(ur=-1.0, uu=-1.0, mu=-1.0, mr=-1.0))
   c.unlearn.epochs = 30
   c.unlearn.batch_size = 16  # forget examples per step (and as many retain examples)
-  c.unlearn.lr = 1e-4
+  # The paper uses 1e-4 or 1e-5. On the synthetic default, 1e-4 lets UU run away (UU -345 by
+  # epoch 30) and collapses the frozen heads (test F1 0.05); 1e-5 barely moves (forget F1
+  # 0.92 -> 0.86); 3e-5 lands between (see README).
+  c.unlearn.lr = 3e-5
   c.unlearn.weight_decay = 0.01
   c.unlearn.adam_eps = 1e-6
   c.unlearn.original_train_mode = False  # REFERENCE 8.4 when True (see reference_quirks)
