@@ -7,12 +7,12 @@ subjects, same columns) and prints a summary against the whole cohort.
 """
 import os
 import sys
-import tempfile
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from forgetmi_jax.io_utils import atomic_write
 from forgetmi_jax.data.cohort import read_split_csv  # noqa: E402
 from forgetmi_jax.data.forget_sets import (PAPER_FRACTIONS, bin_labels,  # noqa: E402
                                            select_forget_subjects, summarize)
@@ -23,18 +23,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'selection seed')
 
 
 def _atomic_csv(frame, path):
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.csv', dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      frame.to_csv(f, index=False)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic_write(path, lambda f: frame.to_csv(f, index=False), binary=False)
 
 
 def summary_table(split, sets) -> str:

@@ -236,9 +236,8 @@ def save_outputs(prep: Prepared, results: dict, losses: dict, extra: dict | None
     payload.update(extra)
   report.write_json_atomic(payload, os.path.join(workdir, 'metrics.json'))
   flat = {f'{m}/{s}': v for m, d in losses.items() for s, v in d.items()}
-  tmp = os.path.join(workdir, '.losses.tmp.npz')
-  np.savez(tmp, **flat)
-  os.replace(tmp, os.path.join(workdir, 'losses.npz'))
+  from forgetmi_jax.io_utils import atomic_write
+  atomic_write(os.path.join(workdir, 'losses.npz'), lambda f: np.savez(f, **flat))
   report.write_report(payload, os.path.join(workdir, 'report.md'))
   report.plot_loss_histograms({m: {'test': d['test'], 'forget': d['forget']}
                                for m, d in losses.items()},

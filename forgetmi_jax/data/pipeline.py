@@ -78,19 +78,8 @@ def _encode(tokenizer, texts, max_len, chunk=4096):
 
 
 def _atomic_savez(path, **arrays):
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.npz', dir=os.path.dirname(path) or '.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  from forgetmi_jax.io_utils import atomic_write
+  atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ----------------------------------------------------------------------------------- source
