@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import tempfile
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
