@@ -13,11 +13,11 @@ import json
 import math
 import numbers
 import os
-import tempfile
 
 import numpy as np
 
 from forgetmi_jax.evaluation.gaps import METRIC_KEYS, retrain_gaps
+from forgetmi_jax.io_utils import atomic_write
 
 MISSING = '—'
 STANDARD_KEYS = METRIC_KEYS + ('distance_to_retrain', 'seconds')
@@ -66,22 +66,9 @@ PAPER_TABLE1 = _parse_paper_table(_PAPER_TABLE1_TEXT)
 # ----------------------------------------------------------------------------- json, files
 
 def _atomic_write(path, data, mode='w'):
-  """Write to a temp file in the target directory, then os.replace: readers never see half."""
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, mode, **({'encoding': 'utf-8'} if 'b' not in mode else {})) as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  """Readers (and a killed run) see the old file or the new one, never half of it."""
+  atomic_write(path, lambda f: f.write(data.encode('utf-8') if 'b' not in mode else data))
+  return os.fspath(path)
 
 
 def to_jsonable(obj):
@@ -427,16 +414,5 @@ def plot_loss_histograms(losses, path, bins=40, density=True, log_scale=False, t
     axes[j // ncols][j % ncols].set_visible(False)
   fig.suptitle(title or 'Per-sample losses, test vs forget (dashed: medians)')
 
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format='png', dpi=120)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120))
+  return os.fspath(path)

@@ -63,8 +63,9 @@ def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6, frozen: Sequence[str
     chain.append(optax.clip_by_global_norm(clip_norm))
   chain.append(optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
       learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
-  mask = frozen_mask(params) if frozen_mask is not None else (
-      prefix_mask(params, frozen) if frozen else None)
+  mask = frozen_mask(params) if frozen_mask is not None else None
+  if mask is None and frozen:
+    mask = prefix_mask(params, frozen)
   if mask is not None:
     chain.append(optax.masked(optax.set_to_zero(), mask))
   return optax.chain(*chain)

@@ -48,13 +48,13 @@ class Method:
     return int(self.cfg.epochs)
 
   def frozen_mask(self, params):
+    """A bool pytree of leaves that must not change, or None to freeze `frozen` modules."""
     return None
 
   def make_tx(self, params):
     return make_optimizer(params, float(self.cfg.lr), weight_decay=float(self.cfg.weight_decay),
                           eps=float(self.cfg.get('adam_eps', 1e-6)), frozen=self.frozen,
-                          frozen_mask=self.frozen_mask if type(self).frozen_mask is not
-                          Method.frozen_mask else None)
+                          frozen_mask=self.frozen_mask)
 
   def init_state(self, original_state):
     params = jax.tree_util.tree_map(jnp.array, original_state.params)

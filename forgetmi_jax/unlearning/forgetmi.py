@@ -188,6 +188,12 @@ class ForgetMIMethod(Method):
     self.static = static
     self.grads_fn = jax.jit(make_grads_fn(ctx.apply_fn, **static))
     self.unlearn_step = make_unlearn_step(ctx.apply_fn, **static)
+    # Compiled once: the forget targets are recomputed every epoch when noise is resampled.
+    self._forget_targets_fn = jax.jit(lambda op, ob, b, h: forget_targets(
+        ctx.apply_fn, op, ob, b, h, num_draws=static['num_draws'], no_noise=self.no_noise,
+        resample_noise=self.resample))
+    self._retain_targets_fn = jax.jit(
+        lambda op, ob, b: retain_targets(ctx.apply_fn, op, ob, b['forget']))
     self.targets = None
     self._acc = None
 
@@ -221,15 +227,13 @@ class ForgetMIMethod(Method):
     return hparams
 
   def _forget_targets(self, original, hp):
-    fn = jax.jit(lambda op, ob, b, h: forget_targets(
-        self.ctx.apply_fn, op, ob, b, h, num_draws=self.static['num_draws'],
-        no_noise=self.no_noise, resample_noise=self.resample))
+    fn = self._forget_targets_fn
     return _gather_over(self.ctx, self.ctx.split.forget_idx, int(self.cfg.batch_size),
                         lambda b: fn(original.params, original.batch_stats, b, hp),
                         forget=True, draw_axis=True)
 
   def _retain_targets(self, original):
-    fn = jax.jit(lambda op, ob, b: retain_targets(self.ctx.apply_fn, op, ob, b['forget']))
+    fn = self._retain_targets_fn
     return _gather_over(self.ctx, self.ctx.split.retain_idx, 64,
                         lambda b: fn(original.params, original.batch_stats, b),
                         forget=False, draw_axis=False)
