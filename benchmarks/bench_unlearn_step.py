@@ -9,6 +9,7 @@ original's outputs as inputs (they are fixed in eval mode with fixed noise draws
 what the main command does by default.
 """
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -35,7 +36,7 @@ MID512 = dict(stem_channels=8, stem_kernel=7, stem_stride=4,
               pool_grid=2, embed_dim=None)
 
 
-def worker(size, batch, path, steps):
+def worker(size, batch, path, steps, remat, max_gb):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -49,7 +50,7 @@ def worker(size, batch, path, steps):
   text = BertConfig(vocab_size=s['vocab'], hidden_size=s['hidden'],
                     num_hidden_layers=s['layers'], num_attention_heads=s['heads'],
                     intermediate_size=s['ffn'], max_position_embeddings=max(512, s['tokens']))
-  model = MultimodalModel(image=image, text=text, fusion={})
+  model = MultimodalModel(image=image, text=text, fusion={}, remat=remat)
   v = init_variables(model, jax.random.PRNGKey(0), s['image'], s['tokens'])
   tx = make_optimizer(v['params'], 1e-4, frozen=HEAD_NAMES)
   state = TrainState.create(v['params'], v['batch_stats'], tx, jax.random.PRNGKey(1))
@@ -79,9 +80,17 @@ def worker(size, batch, path, steps):
     b['targets'] = t
   step = make_unlearn_step(model.apply, num_draws=1)
   t0 = time.time()
+  step = step.lower(state, v['params'], v['batch_stats'], b, jax.random.PRNGKey(3), hp).compile()
+  compile_s = time.time() - t0
+  mem = step.memory_analysis()
+  xla_gb = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                                     + mem.output_size_in_bytes) / 2 ** 30
+  if xla_gb is not None and xla_gb > max_gb:  # would be OOM-killed: report XLA's plan instead
+    print(json.dumps({'first_s': compile_s, 'median_s': None, 'peak_gb': None,
+                      'xla_gb': xla_gb, 'error': f'XLA plans {xla_gb:.1f} GB > {max_gb} GB'}))
+    return
   state, m = step(state, v['params'], v['batch_stats'], b, jax.random.PRNGKey(3), hp)
   jax.block_until_ready(m)
-  compile_s = time.time() - t0
   times = []
   for i in range(steps):
     t0 = time.time()
@@ -90,7 +99,7 @@ def worker(size, batch, path, steps):
     times.append(time.time() - t0)
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   print(json.dumps({'first_s': compile_s, 'median_s': float(np.median(times)),
-                    'peak_gb': peak_gb}))
+                    'peak_gb': peak_gb, 'xla_gb': xla_gb}))
 
 
 def main():
@@ -98,35 +107,40 @@ def main():
   ap.add_argument('--sizes', default='tiny,mid,paper')
   ap.add_argument('--batches', default='4,16')
   ap.add_argument('--paths', default='live,cached')
+  ap.add_argument('--remat', default='off', help="off, on, or 'off,on' (both)")
   ap.add_argument('--steps', type=int, default=3)
-  ap.add_argument('--worker', nargs=3)
+  ap.add_argument('--max-gb', type=float, default=22.0,
+                  help='skip running a step whose compiled plan exceeds this (machine: 24 GB)')
+  ap.add_argument('--worker', nargs=4)
   args = ap.parse_args()
   if args.worker:
-    worker(args.worker[0], int(args.worker[1]), args.worker[2], args.steps)
+    size, batch, path, remat = args.worker
+    worker(size, int(batch), path, args.steps, remat == 'on', args.max_gb)
     return
   import jax
-  rows = []
   print(f'device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus')
-  print('| size | batch/set | path | step median s | first step s | peak GB | public code s | '
-        'public code GB | speed-up |')
-  print('|---|---|---|---|---|---|---|---|---|')
-  for size in args.sizes.split(','):
-    for batch in map(int, args.batches.split(',')):
-      for path in args.paths.split(','):
-        out = subprocess.run([sys.executable, __file__, '--steps', str(args.steps), '--worker',
-                              size, str(batch), path], capture_output=True, text=True)
-        lines = out.stdout.strip().splitlines()
-        if out.returncode or not lines:
-          r = {'median_s': None, 'first_s': None,
-               'peak_gb': None, 'error': (out.stderr.strip().splitlines() or ['?'])[-1][:80]}
-        else:
-          r = json.loads(lines[-1])
-        ref_s, ref_gb = REFERENCE.get((size, batch), (None, None))
-        speed = (f"{ref_s / r['median_s']:.1f}x" if ref_s and r['median_s'] else '—')
-        fmt = lambda x, d=3: '—' if x is None else f'{x:.{d}f}'
-        print(f"| {size} | {batch} | {path} | {fmt(r['median_s'])} | {fmt(r['first_s'], 1)} | "
-              f"{fmt(r['peak_gb'], 2)} | {fmt(ref_s, 2)} | {fmt(ref_gb, 1)} | {speed} |"
-              + (f" {r['error']}" if 'error' in r else ''), flush=True)
+  print('| size | batch/set | path | remat | step median s | compile s | peak RSS GB | XLA plan GB '
+        '| public code s | public code GB | speed-up |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  for size, batch, path, remat in itertools.product(
+      args.sizes.split(','), map(int, args.batches.split(',')), args.paths.split(','),
+      args.remat.split(',')):
+    out = subprocess.run([sys.executable, __file__, '--steps', str(args.steps), '--max-gb',
+                          str(args.max_gb), '--worker', size, str(batch), path, remat],
+                         capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode or not lines:
+      r = {'median_s': None, 'first_s': None,
+           'peak_gb': None, 'error': (out.stderr.strip().splitlines() or ['?'])[-1][:80]}
+    else:
+      r = json.loads(lines[-1])
+    ref_s, ref_gb = REFERENCE.get((size, batch), (None, None))
+    speed = (f"{ref_s / r['median_s']:.1f}x" if ref_s and r['median_s'] else '—')
+    fmt = lambda x, d=3: '—' if x is None else f'{x:.{d}f}'
+    print(f"| {size} | {batch} | {path} | {remat} | {fmt(r['median_s'])} | "
+          f"{fmt(r['first_s'], 1)} | {fmt(r['peak_gb'], 2)} | {fmt(r.get('xla_gb'), 2)} | "
+          f"{fmt(ref_s, 2)} | {fmt(ref_gb, 1)} | {speed} |"
+          + (f" {r['error']}" if 'error' in r else ''), flush=True)
 
 
 if __name__ == '__main__':

@@ -1,8 +1,10 @@
 """Shared absl flags: --config file.py[:arg] with --config.key=value overrides, --workdir."""
+import logging
 import os
 import sys
 
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,3 +35,9 @@ def resolved_config():
     if WORKDIR.value:
       config.workdir = WORKDIR.value
   return config
+
+
+def setup_logging():
+  """Our progress at INFO; libraries (orbax logs every checkpoint save) at WARNING."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('forgetmi_jax').setLevel(logging.INFO)

@@ -8,7 +8,6 @@ Writes ablation.json, ablation.md and rows/<setting_id>.json in the workdir (def
 runs/<config name>); rerunning resumes (finished settings are skipped). The original and
 retrained models come from (or go to) the shared cache.
 """
-import logging
 import os
 
 from absl import app
@@ -19,7 +18,7 @@ from forgetmi_jax import ablation
 
 def main(argv):
   del argv
-  logging.getLogger('forgetmi_jax').setLevel(logging.INFO)
+  _flags.setup_logging()
   payload = ablation.run_ablation(_flags.resolved_config(), _flags.config_name())
   with open(os.path.join(payload['config']['workdir'], 'ablation.md')) as f:
     print(f.read())

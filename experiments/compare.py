@@ -6,7 +6,6 @@
 Writes comparison.json and comparison.md in the workdir (default runs/<config name>); the
 original and retrained models come from (or go to) the shared cache.
 """
-import logging
 import os
 
 from absl import app
@@ -17,7 +16,7 @@ from forgetmi_jax import compare
 
 def main(argv):
   del argv
-  logging.getLogger('forgetmi_jax').setLevel(logging.INFO)
+  _flags.setup_logging()
   payload = compare.run_comparison(_flags.resolved_config(), _flags.config_name())
   with open(os.path.join(payload['config']['workdir'], 'comparison.md')) as f:
     print(f.read())

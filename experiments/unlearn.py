@@ -3,7 +3,6 @@
   python experiments/unlearn.py --config configs/forgetmi_10pct.py [--workdir DIR]
   python experiments/unlearn.py --config configs/forgetmi_10pct.py:smoke --config.unlearn.lr=1e-5
 """
-import logging
 
 from absl import app
 
@@ -14,7 +13,7 @@ import os
 
 def main(argv):
   del argv
-  logging.getLogger('forgetmi_jax').setLevel(logging.INFO)
+  _flags.setup_logging()
   payload = pipeline.run(_flags.resolved_config(), _flags.config_name())
   with open(os.path.join(payload['config']['workdir'], 'report.md')) as f:
     print(f.read())
