@@ -7,6 +7,11 @@ Each (size, batch, path) runs in its own subprocess so its peak RSS is its own. 
 frozen original inside the step (noisy forget + retain forwards); 'cached' feeds the
 original's outputs as inputs (they are fixed in eval mode with fixed noise draws), which is
 what the main command does by default.
+
+Columns: median step time after a warm-up step; compile time; the worker's peak RSS; XLA's
+own plan (arguments + outputs + temporaries); XLA's FLOP count of the compiled step and the
+rate it ran at (the public code does the same arithmetic as 'live'). A step whose plan exceeds
+--max-gb is compiled but not run, so the table reports it instead of the OOM killer.
 """
 import argparse
 import itertools
@@ -36,7 +41,7 @@ MID512 = dict(stem_channels=8, stem_kernel=7, stem_stride=4,
               pool_grid=2, embed_dim=None)
 
 
-def worker(size, batch, path, steps, remat, max_gb):
+def worker(size, batch, path, steps, max_gb):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -50,7 +55,7 @@ def worker(size, batch, path, steps, remat, max_gb):
   text = BertConfig(vocab_size=s['vocab'], hidden_size=s['hidden'],
                     num_hidden_layers=s['layers'], num_attention_heads=s['heads'],
                     intermediate_size=s['ffn'], max_position_embeddings=max(512, s['tokens']))
-  model = MultimodalModel(image=image, text=text, fusion={}, remat=remat)
+  model = MultimodalModel(image=image, text=text, fusion={})
   v = init_variables(model, jax.random.PRNGKey(0), s['image'], s['tokens'])
   tx = make_optimizer(v['params'], 1e-4, frozen=HEAD_NAMES)
   state = TrainState.create(v['params'], v['batch_stats'], tx, jax.random.PRNGKey(1))
@@ -82,12 +87,15 @@ def worker(size, batch, path, steps, remat, max_gb):
   t0 = time.time()
   step = step.lower(state, v['params'], v['batch_stats'], b, jax.random.PRNGKey(3), hp).compile()
   compile_s = time.time() - t0
+  cost = step.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gflop = float(cost.get('flops', float('nan'))) / 1e9 if cost else None
   mem = step.memory_analysis()
   xla_gb = None if mem is None else (mem.temp_size_in_bytes + mem.argument_size_in_bytes
                                      + mem.output_size_in_bytes) / 2 ** 30
   if xla_gb is not None and xla_gb > max_gb:  # would be OOM-killed: report XLA's plan instead
     print(json.dumps({'first_s': compile_s, 'median_s': None, 'peak_gb': None,
-                      'xla_gb': xla_gb, 'error': f'XLA plans {xla_gb:.1f} GB > {max_gb} GB'}))
+                      'xla_gb': xla_gb, 'gflop': gflop, 'error': f'XLA plans {xla_gb:.1f} GB > {max_gb} GB'}))
     return
   state, m = step(state, v['params'], v['batch_stats'], b, jax.random.PRNGKey(3), hp)
   jax.block_until_ready(m)
@@ -99,7 +107,7 @@ def worker(size, batch, path, steps, remat, max_gb):
     times.append(time.time() - t0)
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   print(json.dumps({'first_s': compile_s, 'median_s': float(np.median(times)),
-                    'peak_gb': peak_gb, 'xla_gb': xla_gb}))
+                    'peak_gb': peak_gb, 'xla_gb': xla_gb, 'gflop': gflop}))
 
 
 def main():
@@ -107,26 +115,24 @@ def main():
   ap.add_argument('--sizes', default='tiny,mid,paper')
   ap.add_argument('--batches', default='4,16')
   ap.add_argument('--paths', default='live,cached')
-  ap.add_argument('--remat', default='off', help="off, on, or 'off,on' (both)")
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--max-gb', type=float, default=22.0,
                   help='skip running a step whose compiled plan exceeds this (machine: 24 GB)')
-  ap.add_argument('--worker', nargs=4)
+  ap.add_argument('--worker', nargs=3)
   args = ap.parse_args()
   if args.worker:
-    size, batch, path, remat = args.worker
-    worker(size, int(batch), path, args.steps, remat == 'on', args.max_gb)
+    size, batch, path = args.worker
+    worker(size, int(batch), path, args.steps, args.max_gb)
     return
   import jax
   print(f'device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus')
-  print('| size | batch/set | path | remat | step median s | compile s | peak RSS GB | XLA plan GB '
-        '| public code s | public code GB | speed-up |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|')
-  for size, batch, path, remat in itertools.product(
-      args.sizes.split(','), map(int, args.batches.split(',')), args.paths.split(','),
-      args.remat.split(',')):
+  print('| size | batch/set | path | step median s | compile s | peak RSS GB | XLA plan GB '
+        '| GFLOP/step | GFLOP/s | public code s | public code GB | speed-up |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for size, batch, path in itertools.product(
+      args.sizes.split(','), map(int, args.batches.split(',')), args.paths.split(',')):
     out = subprocess.run([sys.executable, __file__, '--steps', str(args.steps), '--max-gb',
-                          str(args.max_gb), '--worker', size, str(batch), path, remat],
+                          str(args.max_gb), '--worker', size, str(batch), path],
                          capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
@@ -137,9 +143,11 @@ def main():
     ref_s, ref_gb = REFERENCE.get((size, batch), (None, None))
     speed = (f"{ref_s / r['median_s']:.1f}x" if ref_s and r['median_s'] else '—')
     fmt = lambda x, d=3: '—' if x is None else f'{x:.{d}f}'
-    print(f"| {size} | {batch} | {path} | {remat} | {fmt(r['median_s'])} | "
+    gflop = r.get('gflop')
+    rate = gflop / r['median_s'] if gflop and r['median_s'] else None
+    print(f"| {size} | {batch} | {path} | {fmt(r['median_s'])} | "
           f"{fmt(r['first_s'], 1)} | {fmt(r['peak_gb'], 2)} | {fmt(r.get('xla_gb'), 2)} | "
-          f"{fmt(ref_s, 2)} | {fmt(ref_gb, 1)} | {speed} |"
+          f"{fmt(gflop, 1)} | {fmt(rate, 1)} | {fmt(ref_s, 2)} | {fmt(ref_gb, 1)} | {speed} |"
           + (f" {r['error']}" if 'error' in r else ''), flush=True)
 
 

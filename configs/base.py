@@ -44,7 +44,6 @@ def get_config(arg=None):
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
   c.model.num_classes = 4
-  c.model.remat = False  # recompute ResNet-block / BERT-layer activations in backward: less memory
   c.model.image = ml_collections.ConfigDict()
   c.model.image.preset = 'fast64'  # 'paper' (2048x2048 exact), 'small128', 'small64', 'fast64', 'small32'
   c.model.text = ml_collections.ConfigDict()

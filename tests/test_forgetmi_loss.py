@@ -5,7 +5,7 @@ import numpy as np
 from flax import struct
 
 from forgetmi_jax.train.common import safe_norm
-from forgetmi_jax.unlearning.forgetmi import forgetmi_loss, weight_vector
+from forgetmi_jax.unlearning.forgetmi import forgetmi_grads, forgetmi_loss, weight_vector
 
 
 @struct.dataclass
@@ -23,7 +23,7 @@ def toy_apply(variables, image, input_ids, attention_mask, train=False, rngs=Non
   return (out, {'batch_stats': variables['batch_stats']}) if mutable else out
 
 
-def test_losses_match_hand_computation():
+def _toy_problem(b=3, k=2):
   rng = np.random.default_rng(0)
   params = {'wi': rng.normal(size=(4, 3)).astype(np.float32),
             'wt': rng.normal(size=(5, 2)).astype(np.float32),
@@ -40,8 +40,15 @@ def test_losses_match_hand_computation():
              'retain_uni': rng.normal(size=(b, 5)).astype(np.float32),
              'retain_joint': rng.normal(size=(b, 3)).astype(np.float32)}
   w = weight_vector({'ur': 2, 'uu': 1, 'mu': 1, 'mr': 2})
-  np.testing.assert_allclose(w, [1 / 3, 1 / 6, 1 / 6, 1 / 3], rtol=1e-6)
   hp = {'loss_weights': jnp.asarray(w), 'retention_cap': jnp.full((2,), 1e30)}
+  return params, batch, targets, hp
+
+
+def test_losses_match_hand_computation():
+  b = 3
+  params, batch, targets, hp = _toy_problem(b)
+  w = np.asarray(hp['loss_weights'])
+  np.testing.assert_allclose(w, [1 / 3, 1 / 6, 1 / 6, 1 / 3], rtol=1e-6)
   total, (_, terms) = forgetmi_loss(params, {}, targets, batch, jax.random.PRNGKey(0), hp,
                                     toy_apply)
 
@@ -59,6 +66,24 @@ def test_losses_match_hand_computation():
   np.testing.assert_allclose([terms['ur'], terms['uu'], terms['mu'], terms['mr']],
                              [ur, uu, mu, mr], rtol=1e-5)
   np.testing.assert_allclose(total, w @ np.array([ur, uu, mu, mr]), rtol=1e-5)
+
+
+def test_set_by_set_gradient_equals_joint_gradient():
+  """forgetmi_grads (a scan over the forget and retain sets) is the gradient of forgetmi_loss."""
+  params, batch, targets, hp = _toy_problem()
+  args = ({}, targets, batch, jax.random.PRNGKey(0), hp, toy_apply)
+  joint, (_, joint_terms) = jax.grad(forgetmi_loss, has_aux=True)(params, *args)
+  split, (_, split_terms) = jax.jit(forgetmi_grads, static_argnums=6)(params, *args)
+  for name in params:
+    assert np.any(np.asarray(joint[name]) != 0)
+    np.testing.assert_allclose(split[name], joint[name], rtol=1e-5, atol=1e-6)
+  for name in ('loss', 'ur', 'uu', 'mu', 'mr'):
+    np.testing.assert_allclose(split_terms[name], joint_terms[name], rtol=1e-6)
+  # wi/wt feed both sets' z_uni: each part contributes, so dropping one changes the gradient.
+  only_retain = dict(hp, loss_weights=hp['loss_weights'] * jnp.array([1., 0., 0., 1.]))
+  g_r = jax.grad(forgetmi_loss, has_aux=True)(params, {}, targets, batch,
+                                              jax.random.PRNGKey(0), only_retain, toy_apply)[0]
+  assert not np.allclose(g_r['wi'], joint['wi'])
 
 
 def test_safe_norm_finite_gradient_at_zero():

@@ -179,28 +179,3 @@ def test_build_model_with_pretrained_folder(tmp_path):
                  attention_mask=torch.tensor(enc['attention_mask'])).pooler_output.numpy()
   np.testing.assert_allclose(out.z_txt, pooled, atol=1e-5)
 
-
-def test_remat_gives_same_tree_loss_grads_and_stats(tiny):
-  """model.remat trades compute for memory only: same variables, values and gradients."""
-  model, variables = tiny
-  remat_model = build_model(ml_collections.ConfigDict(dict(TINY, remat=True)))[0]
-  assert remat_model.remat and not model.remat
-  remat_vars = init_variables(remat_model, jax.random.PRNGKey(0), SIZE, LEN)
-  assert (jax.tree_util.tree_structure(remat_vars)
-          == jax.tree_util.tree_structure(variables))
-  images, ids, mask, labels = _batch()
-
-  def loss_and_grads(m):
-    def loss_fn(params):
-      out, mutated = m.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                             images, ids, mask, train=True,
-                             rngs={'dropout': jax.random.PRNGKey(1)}, mutable=['batch_stats'])
-      return jnp.sum(out.z_uni ** 2) + jnp.sum(out.logits_joint), mutated
-    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-
-  (loss, stats), grads = loss_and_grads(model)
-  (remat_loss, remat_stats), remat_grads = loss_and_grads(remat_model)
-  np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
-  for a, b in ((remat_grads, grads), (remat_stats, stats)):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
-                           a, b)

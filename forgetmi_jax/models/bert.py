@@ -160,7 +160,6 @@ class BertModel(nn.Module):
   """
   config: BertConfig
   dtype: Any = jnp.float32
-  remat: bool = False  # recompute each layer's activations in the backward pass (memory)
 
   def block_names(self) -> Tuple[str, ...]:
     return bert_block_names(self.config.num_hidden_layers)
@@ -175,9 +174,8 @@ class BertModel(nn.Module):
     x = BertEmbeddings(c, self.dtype, name='embeddings')(input_ids, token_type_ids, train)
     keep = attention_mask.astype(bool)[:, None, None, :]
     bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    layer = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
     for i in range(c.num_hidden_layers):
-      x = layer(c, self.dtype, name=f'layer_{i}')(x, bias, train)
+      x = BertLayer(c, self.dtype, name=f'layer_{i}')(x, bias, train)
     pooled = nn.Dense(c.hidden_size, kernel_init=nn.initializers.normal(c.initializer_range),
                       dtype=self.dtype, name='pooler')(x[:, 0])
     pooled = jnp.tanh(pooled)

@@ -47,7 +47,6 @@ class MultimodalModel(nn.Module):
   fusion: Optional[Mapping[str, Any]] = None
   num_classes: int = 4
   dtype: Any = jnp.float32
-  remat: bool = False  # rematerialise ResNet blocks and BERT layers: less memory, ~1/3 more compute
 
   def __post_init__(self):
     # Freeze dict fields so the module stays hashable (jit static args, nn.remat, caches).
@@ -63,9 +62,8 @@ class MultimodalModel(nn.Module):
     image_kwargs = (_module_kwargs(self.image) if isinstance(self.image, ResNetEncoder)
                     else dict(self.image or {}))
     image_kwargs.setdefault('dtype', self.dtype)
-    image_kwargs.setdefault('remat', self.remat)
     z_img = ResNetEncoder(**image_kwargs, name='image_encoder')(images, train=train)
-    _, z_txt = BertModel(self.text, dtype=self.dtype, remat=self.remat, name='text_encoder')(
+    _, z_txt = BertModel(self.text, dtype=self.dtype, name='text_encoder')(
         input_ids, attention_mask, train=train)
     z_joint = MAG(**dict(self.fusion or {}), dtype=self.dtype, name='fusion')(
         z_img, z_txt, train=train)
@@ -108,7 +106,6 @@ def build_model(model_cfg):
           BERT folder (architecture from its config.json; only the dropout rates given here
           apply)}.
   fusion: MAG kwargs (variant, beta, eps, dropout_rate).
-  remat:  recompute block activations in the backward pass (paper size at batch 16 on 24 GB).
   Pretrained params go into fresh variables with `load_bert_params_into`.
   """
   cfg = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
@@ -134,6 +131,5 @@ def build_model(model_cfg):
   if not image.get('embed_dim'):
     image['embed_dim'] = int(text_cfg.hidden_size)
   model = MultimodalModel(image=image, text=text_cfg, fusion=dict(cfg.get('fusion') or {}),
-                          num_classes=int(cfg.get('num_classes', 4)),
-                          remat=bool(cfg.get('remat', False)))
+                          num_classes=int(cfg.get('num_classes', 4)))
   return model, text_params, tokenizer

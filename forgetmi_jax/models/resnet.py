@@ -122,7 +122,6 @@ class ResNetEncoder(nn.Module):
   pool_grid: int = 2
   embed_dim: Optional[int] = None
   dtype: Any = jnp.float32
-  remat: bool = False  # recompute each block's activations in the backward pass (memory)
 
   def block_names(self) -> Tuple[str, ...]:
     """Residual block names in forward order (usable on an unbound module)."""
@@ -135,10 +134,9 @@ class ResNetEncoder(nn.Module):
     x = x.astype(self.dtype)
     x = _conv(self.stem_channels, self.stem_kernel, self.stem_stride, self.dtype, 'stem_conv')(x)
     x = nn.relu(_batch_norm(train, self.dtype, 'stem_bn')(x))
-    block = nn.remat(BasicBlock, static_argnums=(2,)) if self.remat else BasicBlock
     for i, ch in enumerate(self.stage_channels):
       for j in range(self.blocks_per_stage):
-        x = block(ch, stride=2 if j == 0 else 1, dtype=self.dtype,
+        x = BasicBlock(ch, stride=2 if j == 0 else 1, dtype=self.dtype,
                        name=f'stage{i}_block{j}')(x, train)
     if self.pool == 'fixed':
       if x.shape[1] < 2 or x.shape[2] < 2:
