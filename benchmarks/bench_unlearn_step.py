@@ -2,6 +2,7 @@
 original, beside the public PyTorch code's figures measured on the same machine kind.
 
   python benchmarks/bench_unlearn_step.py [--sizes tiny,mid,paper] [--batches 4,16] [--steps 3]
+                                          [--paths live,cached] [--dtype bfloat16]
 
 Each (size, batch, path) runs in its own subprocess so its peak RSS is its own. 'live' runs the
 frozen original inside the step (noisy forget + retain forwards); 'cached' feeds the
@@ -41,7 +42,7 @@ MID512 = dict(stem_channels=8, stem_kernel=7, stem_stride=4,
               pool_grid=2, embed_dim=None)
 
 
-def worker(size, batch, path, steps, max_gb):
+def worker(size, batch, path, steps, max_gb, dtype):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -55,7 +56,7 @@ def worker(size, batch, path, steps, max_gb):
   text = BertConfig(vocab_size=s['vocab'], hidden_size=s['hidden'],
                     num_hidden_layers=s['layers'], num_attention_heads=s['heads'],
                     intermediate_size=s['ffn'], max_position_embeddings=max(512, s['tokens']))
-  model = MultimodalModel(image=image, text=text, fusion={})
+  model = MultimodalModel(image=image, text=text, fusion={}, dtype=jnp.dtype(dtype))
   v = init_variables(model, jax.random.PRNGKey(0), s['image'], s['tokens'])
   tx = make_optimizer(v['params'], 1e-4, frozen=HEAD_NAMES)
   state = TrainState.create(v['params'], v['batch_stats'], tx, jax.random.PRNGKey(1))
@@ -118,21 +119,23 @@ def main():
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--max-gb', type=float, default=22.0,
                   help='skip running a step whose compiled plan exceeds this (machine: 24 GB)')
+  ap.add_argument('--dtype', default='float32',
+                  help="compute dtype of the model (params stay float32), e.g. 'bfloat16'")
   ap.add_argument('--worker', nargs=3)
   args = ap.parse_args()
   if args.worker:
     size, batch, path = args.worker
-    worker(size, int(batch), path, args.steps, args.max_gb)
+    worker(size, int(batch), path, args.steps, args.max_gb, args.dtype)
     return
   import jax
-  print(f'device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus')
+  print(f'device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus, compute dtype {args.dtype}')
   print('| size | batch/set | path | step median s | compile s | peak RSS GB | XLA plan GB '
         '| GFLOP/step | GFLOP/s | public code s | public code GB | speed-up |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   for size, batch, path in itertools.product(
       args.sizes.split(','), map(int, args.batches.split(',')), args.paths.split(',')):
     out = subprocess.run([sys.executable, __file__, '--steps', str(args.steps), '--max-gb',
-                          str(args.max_gb), '--worker', size, str(batch), path],
+                          str(args.max_gb), '--dtype', args.dtype, '--worker', size, str(batch), path],
                          capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
