@@ -139,7 +139,7 @@ def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn):
   part reads the params through a zero that depends on the forget part's gradient, so XLA
   cannot start the retain forward before the forget backward has freed its activations:
   peak memory is one set's, not both (XLA:CPU drops optimization barriers and, without
-  this, keeps both sets' activations: 24.4 -> see benchmarks/bench_unlearn_step.py).
+  this, keeps both sets' activations: 24.4 instead of 18.1 GB at paper size, batch 16).
   """
   losses, distances, total = [], [], None
   set_params = params
