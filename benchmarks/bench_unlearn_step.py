@@ -96,7 +96,8 @@ def worker(size, batch, path, steps, max_gb, dtype):
                                      + mem.output_size_in_bytes) / 2 ** 30
   if xla_gb is not None and xla_gb > max_gb:  # would be OOM-killed: report XLA's plan instead
     print(json.dumps({'first_s': compile_s, 'median_s': None, 'peak_gb': None,
-                      'xla_gb': xla_gb, 'gflop': gflop, 'error': f'XLA plans {xla_gb:.1f} GB > {max_gb} GB'}))
+                      'xla_gb': xla_gb, 'gflop': gflop,
+                      'error': f'XLA plans {xla_gb:.1f} GB > {max_gb} GB'}))
     return
   state, m = step(state, v['params'], v['batch_stats'], b, jax.random.PRNGKey(3), hp)
   jax.block_until_ready(m)
@@ -128,15 +129,16 @@ def main():
     worker(size, int(batch), path, args.steps, args.max_gb, args.dtype)
     return
   import jax
-  print(f'device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus, compute dtype {args.dtype}')
+  print(f'device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus, '
+        f'compute dtype {args.dtype}')
   print('| size | batch/set | path | step median s | compile s | peak RSS GB | XLA plan GB '
         '| GFLOP/step | GFLOP/s | public code s | public code GB | speed-up |')
   print('|---|---|---|---|---|---|---|---|---|---|---|---|')
   for size, batch, path in itertools.product(
       args.sizes.split(','), map(int, args.batches.split(',')), args.paths.split(',')):
-    out = subprocess.run([sys.executable, __file__, '--steps', str(args.steps), '--max-gb',
-                          str(args.max_gb), '--dtype', args.dtype, '--worker', size, str(batch), path],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, '--steps', str(args.steps),
+                          '--max-gb', str(args.max_gb), '--dtype', args.dtype,
+                          '--worker', size, str(batch), path], capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if out.returncode or not lines:
       r = {'median_s': None, 'first_s': None,

@@ -3,12 +3,12 @@
   python experiments/unlearn.py --config configs/forgetmi_10pct.py [--workdir DIR]
   python experiments/unlearn.py --config configs/forgetmi_10pct.py:smoke --config.unlearn.lr=1e-5
 """
+import os
 
 from absl import app
 
 import _flags  # noqa: F401  (defines --config/--workdir, puts the repo on sys.path)
 from forgetmi_jax import pipeline
-import os
 
 
 def main(argv):

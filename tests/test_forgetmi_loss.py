@@ -23,7 +23,8 @@ def toy_apply(variables, image, input_ids, attention_mask, train=False, rngs=Non
   return (out, {'batch_stats': variables['batch_stats']}) if mutable else out
 
 
-def _toy_problem(b=3, k=2):
+def _toy_problem():
+  """3 forget + 3 retain rows (the third is padding), K=2 noise draws."""
   rng = np.random.default_rng(0)
   params = {'wi': rng.normal(size=(4, 3)).astype(np.float32),
             'wt': rng.normal(size=(5, 2)).astype(np.float32),
@@ -46,7 +47,7 @@ def _toy_problem(b=3, k=2):
 
 def test_losses_match_hand_computation():
   b = 3
-  params, batch, targets, hp = _toy_problem(b)
+  params, batch, targets, hp = _toy_problem()
   w = np.asarray(hp['loss_weights'])
   np.testing.assert_allclose(w, [1 / 3, 1 / 6, 1 / 6, 1 / 3], rtol=1e-6)
   total, (_, terms) = forgetmi_loss(params, {}, targets, batch, jax.random.PRNGKey(0), hp,
@@ -69,7 +70,7 @@ def test_losses_match_hand_computation():
 
 
 def test_set_by_set_gradient_equals_joint_gradient():
-  """forgetmi_grads (a scan over the forget and retain sets) is the gradient of forgetmi_loss."""
+  """forgetmi_grads (forget set, then retain set) is the gradient of forgetmi_loss."""
   params, batch, targets, hp = _toy_problem()
   args = ({}, targets, batch, jax.random.PRNGKey(0), hp, toy_apply)
   joint, (_, joint_terms) = jax.grad(forgetmi_loss, has_aux=True)(params, *args)
@@ -84,6 +85,18 @@ def test_set_by_set_gradient_equals_joint_gradient():
   g_r = jax.grad(forgetmi_loss, has_aux=True)(params, {}, targets, batch,
                                               jax.random.PRNGKey(0), only_retain, toy_apply)[0]
   assert not np.allclose(g_r['wi'], joint['wi'])
+  # REFERENCE 8.3 cap below both retention terms: the retain part gives no gradient at all,
+  # while the logged UR/MR values are unchanged.
+  capped = dict(hp, retention_cap=jnp.zeros(2))
+  only_forget = dict(hp, loss_weights=hp['loss_weights'] * jnp.array([0., 1., 1., 0.]))
+  g_cap, (_, cap_terms) = forgetmi_grads(params, {}, targets, batch, jax.random.PRNGKey(0),
+                                         capped, toy_apply)
+  g_f = jax.grad(forgetmi_loss, has_aux=True)(params, {}, targets, batch,
+                                              jax.random.PRNGKey(0), only_forget, toy_apply)[0]
+  for name in params:
+    np.testing.assert_allclose(g_cap[name], g_f[name], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose([cap_terms['ur'], cap_terms['mr']],
+                             [joint_terms['ur'], joint_terms['mr']], rtol=1e-6)
 
 
 def test_safe_norm_finite_gradient_at_zero():
