@@ -2,11 +2,8 @@
 
 python experiments/unlearn.py --config configs/forgetmi_10pct.py[:smoke]
 """
-from configs import base
+from configs import unlearn
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
-  c.forget_fraction = 0.10
-  c.unlearn.setting = 'retention'
-  return c
+  return unlearn.get_config(f'method=forgetmi,pct=10,{arg or ""}')

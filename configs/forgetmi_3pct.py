@@ -2,11 +2,8 @@
 
 python experiments/unlearn.py --config configs/forgetmi_3pct.py[:smoke]
 """
-from configs import base
+from configs import unlearn
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
-  c.forget_fraction = 0.03
-  c.unlearn.setting = 'unimodal'
-  return c
+  return unlearn.get_config(f'method=forgetmi,pct=3,{arg or ""}')

@@ -2,11 +2,8 @@
 
 python experiments/unlearn.py --config configs/forgetmi_6pct.py[:smoke]
 """
-from configs import base
+from configs import unlearn
 
 
 def get_config(arg=None):
-  c = base.get_config(arg)
-  c.forget_fraction = 0.06
-  c.unlearn.setting = 'multimodal'
-  return c
+  return unlearn.get_config(f'method=forgetmi,pct=6,{arg or ""}')

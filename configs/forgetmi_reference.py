@@ -6,10 +6,10 @@ from configs import base
 def get_config(arg=None):
   c = base.get_config(arg)
   c.forget_fraction = 0.10
-  c.unlearn.setting = 'multimodal'
-  c.unlearn.noise.text_mode = 'reference'
-  c.unlearn.noise.text_p = 0.5
-  q = c.unlearn.reference_quirks
+  c.forgetmi.setting = 'multimodal'
+  c.forgetmi.noise.text_mode = 'reference'
+  c.forgetmi.noise.text_p = 0.5
+  q = c.forgetmi.reference_quirks
   q.random_fusion_gates = True
   q.epoch_accumulation = True
   q.retention_cap = True

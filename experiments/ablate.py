@@ -1,19 +1,20 @@
 """Forget-MI ablation grid: loss weights x image noise x lr x seed on one forget set.
 
-  python experiments/ablate.py --config configs/ablation_10pct.py [--workdir DIR]
-  python experiments/ablate.py --config configs/ablation_10pct.py:smoke
-  python experiments/ablate.py --config configs/ablation_10pct.py --config.ablation.mode=sequential
+  python experiments/ablate.py --config configs/ablation.py:pct=10 [--workdir DIR]
+  python experiments/ablate.py --config configs/ablation.py:pct=10,smoke
+  python experiments/ablate.py --config configs/ablation.py:pct=10 --config.ablation.mode=sequential
 
-Writes ablation.json, ablation.md and rows/<setting_id>.json in the workdir (default
-runs/<config name>); rerunning resumes (finished settings are skipped). The original and
-retrained models come from (or go to) the shared cache.
+Every setting is a model copy on the one training loop (stacked and vmapped in the default
+'vmap' mode). Writes ablation.json, ablation.md and rows/<setting_id>.json in the workdir
+(default runs/<config name>); rerunning resumes (finished settings whose fingerprint matches
+are skipped). The original and retrained models come from (or go to) the shared cache.
 """
 import os
 
 from absl import app
 
 import _flags  # noqa: F401  (defines --config/--workdir, puts the repo on sys.path)
-from forgetmi_jax import ablation
+from forgetmi_jax.runs import ablation
 
 
 def main(argv):

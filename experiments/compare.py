@@ -1,7 +1,7 @@
 """Compare original, retrain and every unlearning method on one forget set.
 
   python experiments/compare.py --config configs/compare_10pct.py [--workdir DIR]
-  python experiments/compare.py --config configs/compare_10pct.py:smoke
+  python experiments/compare.py --config configs/compare.py:pct=3,smoke
 
 Writes comparison.json and comparison.md in the workdir (default runs/<config name>); the
 original and retrained models come from (or go to) the shared cache.
@@ -11,7 +11,7 @@ import os
 from absl import app
 
 import _flags  # noqa: F401  (defines --config/--workdir, puts the repo on sys.path)
-from forgetmi_jax import compare
+from forgetmi_jax.runs import compare
 
 
 def main(argv):

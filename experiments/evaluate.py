@@ -8,7 +8,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from forgetmi_jax import pipeline  # noqa: E402
+from forgetmi_jax.runs import unlearn  # noqa: E402
 
 WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run folder (holds metrics.json).',
                               required=True)
@@ -16,7 +16,7 @@ WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run folder (holds met
 
 def main(argv):
   del argv
-  payload = pipeline.reevaluate(WORKDIR.value)
+  payload = unlearn.reevaluate(WORKDIR.value)
   with open(os.path.join(payload['config']['workdir'], 'report.md')) as f:
     print(f.read())
 

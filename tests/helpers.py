@@ -13,7 +13,7 @@ def tiny_config(workdir, **overrides):
   c = forgetmi_10pct.get_config('smoke')
   c.data.synthetic.num_subjects = 40
   c.train.epochs = 2
-  c.unlearn.epochs = 2
+  c.forgetmi.epochs = 2
   c.workdir = str(workdir)
   c.cache_dir = os.path.join(str(workdir), 'cache')
   for key, value in overrides.items():

@@ -4,8 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from forgetmi_jax.train.common import safe_norm
-from forgetmi_jax.unlearning.forgetmi import forgetmi_grads, forgetmi_loss, weight_vector
+from forgetmi_jax.train.losses import safe_norm
+from forgetmi_jax.unlearning.forgetmi import forgetmi_grads, forgetmi_loss, normalised_weights
+
+TERMS = ('ur', 'uu', 'mu', 'mr')
+
+
+def _weights(vector):
+  return {k: jnp.float32(v) for k, v in zip(TERMS, vector)}
 
 
 @struct.dataclass
@@ -40,15 +46,16 @@ def _toy_problem():
              'forget_joint': rng.normal(size=(k, b, 3)).astype(np.float32),
              'retain_uni': rng.normal(size=(b, 5)).astype(np.float32),
              'retain_joint': rng.normal(size=(b, 3)).astype(np.float32)}
-  w = weight_vector({'ur': 2, 'uu': 1, 'mu': 1, 'mr': 2})
-  hp = {'loss_weights': jnp.asarray(w), 'retention_cap': jnp.full((2,), 1e30)}
+  w = normalised_weights({'ur': 2, 'uu': 1, 'mu': 1, 'mr': 2})
+  hp = {'loss_weights': _weights([w[k] for k in TERMS]),
+        'retention_cap': {'ur': jnp.float32(1e30), 'mr': jnp.float32(1e30)}}
   return params, batch, targets, hp
 
 
 def test_losses_match_hand_computation():
   b = 3
   params, batch, targets, hp = _toy_problem()
-  w = np.asarray(hp['loss_weights'])
+  w = np.asarray([hp['loss_weights'][k] for k in TERMS])
   np.testing.assert_allclose(w, [1 / 3, 1 / 6, 1 / 6, 1 / 3], rtol=1e-6)
   total, (_, terms) = forgetmi_loss(params, {}, targets, batch, jax.random.PRNGKey(0), hp,
                                     toy_apply)
@@ -81,14 +88,15 @@ def test_set_by_set_gradient_equals_joint_gradient():
   for name in ('loss', 'ur', 'uu', 'mu', 'mr'):
     np.testing.assert_allclose(split_terms[name], joint_terms[name], rtol=1e-6)
   # wi/wt feed both sets' z_uni: each part contributes, so dropping one changes the gradient.
-  only_retain = dict(hp, loss_weights=hp['loss_weights'] * jnp.array([1., 0., 0., 1.]))
+  w = [hp['loss_weights'][k] for k in TERMS]
+  only_retain = dict(hp, loss_weights=_weights(np.multiply(w, [1., 0., 0., 1.])))
   g_r = jax.grad(forgetmi_loss, has_aux=True)(params, {}, targets, batch,
                                               jax.random.PRNGKey(0), only_retain, toy_apply)[0]
   assert not np.allclose(g_r['wi'], joint['wi'])
   # REFERENCE 8.3 cap below both retention terms: the retain part gives no gradient at all,
   # while the logged UR/MR values are unchanged.
-  capped = dict(hp, retention_cap=jnp.zeros(2))
-  only_forget = dict(hp, loss_weights=hp['loss_weights'] * jnp.array([0., 1., 1., 0.]))
+  capped = dict(hp, retention_cap={'ur': jnp.float32(0), 'mr': jnp.float32(0)})
+  only_forget = dict(hp, loss_weights=_weights(np.multiply(w, [0., 1., 1., 0.])))
   g_cap, (_, cap_terms) = forgetmi_grads(params, {}, targets, batch, jax.random.PRNGKey(0),
                                          capped, toy_apply)
   g_f = jax.grad(forgetmi_loss, has_aux=True)(params, {}, targets, batch,
@@ -105,9 +113,9 @@ def test_safe_norm_finite_gradient_at_zero():
   np.testing.assert_allclose(safe_norm(jnp.array([3.0, 4.0])), 5.0)
 
 
-def test_weight_vector_rejects_bad_weights():
+def test_normalised_weights_reject_bad_weights():
   import pytest
   with pytest.raises(ValueError, match='loss weights'):
-    weight_vector({'ur': 0, 'uu': 0, 'mu': 0, 'mr': 0})
-  np.testing.assert_allclose(weight_vector({'ur': 1, 'uu': 1, 'mu': 2, 'mr': 2}, True),
-                             [0.17, 0.17, 0.33, 0.33])
+    normalised_weights({'ur': 0, 'uu': 0, 'mu': 0, 'mr': 0})
+  rounded = normalised_weights({'ur': 1, 'uu': 1, 'mu': 2, 'mr': 2}, True)
+  np.testing.assert_allclose([rounded[k] for k in TERMS], [0.17, 0.17, 0.33, 0.33])

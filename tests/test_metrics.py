@@ -1,12 +1,13 @@
 """Metrics against sklearn computed independently on fixed arrays, incl. absent classes."""
+import logging
 import math
-import warnings
 
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from forgetmi_jax.evaluation import metrics as M
+from forgetmi_jax.evaluation.distance import distance_to_retrain
 
 
 def _fixed(n=60, seed=0):
@@ -113,10 +114,55 @@ def test_classification_metrics_keys_and_floats():
   assert det['auc_skipped_classes'] == [0]
 
 
-def test_nonfinite_logits_give_nan_not_exception():
+def _warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_nonfinite_logits_give_nan_and_one_warning_naming_the_model(caplog, bad):
   logits, labels = _fixed()
-  logits[3, 1] = np.nan
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    out = M.classification_metrics(logits, labels)
+  logits[3, 1] = bad
+  logits[7, 0] = bad
+  with caplog.at_level(logging.WARNING, logger='forgetmi_jax'):
+    out = M.classification_metrics(logits, labels, details=True, name='scrub')
   assert math.isnan(out['auc']) and math.isnan(out['f1'])
+  assert out['auc_skipped_classes'] == []
+  msgs = _warnings(caplog)
+  assert len(msgs) == 1  # one record per set, not one per metric
+  assert "'scrub'" in msgs[0] and '2 of 60 rows' in msgs[0]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='forgetmi_jax'):
+    assert math.isnan(M.auc_ovr(logits, labels, name='scrub'))
+    assert math.isnan(M.macro_f1(logits, labels, name='scrub'))
+  msgs = _warnings(caplog)
+  assert len(msgs) == 2 and msgs[0].startswith('auc_ovr') and msgs[1].startswith('macro_f1')
+  assert all("'scrub'" in m for m in msgs)
+
+
+def test_finite_logits_do_not_warn(caplog):
+  logits, labels = _fixed()
+  with caplog.at_level(logging.WARNING, logger='forgetmi_jax'):
+    M.classification_metrics(logits, labels, name='original')
+    distance_to_retrain(logits, logits[::-1], name='original')
+  assert _warnings(caplog) == []
+
+
+@pytest.mark.parametrize('side', [0, 1])
+@pytest.mark.parametrize('bad', [np.nan, np.inf])
+def test_distance_to_retrain_nan_for_nonfinite_logits(caplog, side, bad):
+  logits, _ = _fixed()
+  pair = [logits.copy(), logits + 0.1]
+  pair[side][5, 2] = bad
+  with caplog.at_level(logging.WARNING, logger='forgetmi_jax'):
+    d = distance_to_retrain(*pair, name='cf_k')
+  assert isinstance(d, float) and math.isnan(d)
+  msgs = _warnings(caplog)
+  assert len(msgs) == 1 and "'cf_k'" in msgs[0]
+  assert ('retrained model' in msgs[0]) == (side == 1)
+  # Without a name it still warns, and shape errors still raise.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='forgetmi_jax'):
+    assert math.isnan(distance_to_retrain(*pair))
+  assert len(_warnings(caplog)) == 1
+  with pytest.raises(ValueError):
+    distance_to_retrain(pair[0], pair[1][:3], name='cf_k')

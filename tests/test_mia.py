@@ -1,6 +1,10 @@
-"""MIA on constructed cases whose answers are known."""
+"""MIA on constructed cases whose answers are known, and against sklearn's SVC directly."""
+import logging
+import math
+
 import numpy as np
 import pytest
+from sklearn.svm import SVC
 
 from forgetmi_jax.evaluation import mia
 
@@ -42,12 +46,45 @@ def test_identical_distributions_give_the_attack_base_rate():
 
 def test_details_report_member_rates_and_sizes():
   r = _rng(3)
-  d = mia.svc_mia(r.uniform(0, .05, 500), r.uniform(2, 4, 200), r.uniform(0, .05, 50),
-                  return_details=True)
-  assert d['score'] == pytest.approx(1.0)
+  retain, test, forget = r.uniform(0, .05, 500), r.uniform(2, 4, 200), r.uniform(0, .05, 50)
+  d = mia.svc_mia(retain, test, forget, return_details=True)
+  assert {'forget_member_rate', 'retain_member_rate', 'test_member_rate', 'n_retain', 'n_test',
+          'n_forget'} <= set(d)
+  assert d['forget_member_rate'] == d['score'] == pytest.approx(1.0)
   assert d['retain_member_rate'] == pytest.approx(1.0)
   assert d['test_member_rate'] == pytest.approx(0.0)
   assert (d['n_retain'], d['n_test'], d['n_forget']) == (500, 200, 50)
+  # The default return is still the plain float, equal to the details' score.
+  plain = mia.svc_mia(retain, test, forget)
+  assert isinstance(plain, float) and plain == d['score']
+
+
+def _paper_sized_losses(seed=8):
+  """About the paper's 10 % split: 5,500 retain vs 526 test losses from overlapping laws
+  (members have smaller losses), and a forget set that is a mixture of both."""
+  r = _rng(seed)
+  retain = r.gamma(2.0, 0.25, 5500)
+  test = r.gamma(2.0, 0.6, 526)
+  forget = np.concatenate([r.gamma(2.0, 0.25, 300), r.gamma(2.0, 0.6, 374)])
+  return retain, test, forget
+
+
+def test_svc_mia_equals_direct_sklearn_svc_at_paper_imbalance():
+  retain, test, forget = _paper_sized_losses()
+  d = mia.svc_mia(retain, test, forget, return_details=True)
+  # REFERENCE 5 written out directly: members 1 (retain), non-members 0 (test).
+  clf = SVC(C=3, kernel='rbf', gamma='auto')
+  clf.fit(np.concatenate([retain, test])[:, None],
+          np.concatenate([np.ones(retain.size), np.zeros(test.size)]))
+  member = lambda a: float(np.mean(clf.predict(a[:, None]) == 1))
+  assert d['score'] == member(forget)
+  assert d['retain_member_rate'] == member(retain)
+  assert d['test_member_rate'] == member(test)
+  assert (d['n_retain'], d['n_test'], d['n_forget']) == (5500, 526, 674)
+  # A non-degenerate case (neither all nor no members), so equality means something, and the
+  # imbalance pushes the attack towards "member": it calls most test losses members too.
+  assert 0.05 < d['score'] < 0.95
+  assert d['retain_member_rate'] > d['score'] > d['test_member_rate'] > 0.3
 
 
 def test_batch_mean_losses():
@@ -102,9 +139,46 @@ def test_invalid_inputs():
   with pytest.raises(ValueError):
     mia.svc_mia([], [1.0, 2.0], [1.0])
   with pytest.raises(ValueError):
-    mia.svc_mia([0.1, np.nan], [1.0, 2.0], [1.0])
+    mia.svc_mia([0.1, 0.2], [1.0, 2.0], [1.0], max_train=0)
   # +inf losses (probability 0) are clipped, not fatal.
   assert mia.svc_mia([0.01] * 20, [3.0] * 20 + [np.inf], [np.inf]) == 0.0
+
+
+@pytest.mark.parametrize('where', ['retain', 'test', 'forget'])
+@pytest.mark.parametrize('bad', [np.nan, -np.inf])
+def test_diverged_losses_give_nan_and_a_warning_naming_the_model(caplog, where, bad):
+  r = _rng(9)
+  sets = {'retain': r.uniform(0, .05, 60), 'test': r.uniform(2, 4, 30),
+          'forget': r.uniform(0, .05, 10)}
+  sets[where][3] = bad
+  args = (sets['retain'], sets['test'], sets['forget'])
+  with caplog.at_level(logging.WARNING, logger='forgetmi_jax'):
+    score = mia.svc_mia(*args, name='neggrad_plus')
+    d = mia.svc_mia(*args, return_details=True, name='neggrad_plus')
+    lr = mia.logreg_mia(*args, name='neggrad_plus')
+  assert isinstance(score, float) and math.isnan(score)
+  for k in ('score', 'forget_member_rate', 'retain_member_rate', 'test_member_rate'):
+    assert math.isnan(d[k]), k
+  assert (d['n_retain'], d['n_test'], d['n_forget']) == (60, 30, 10)
+  for k in ('attack_auc', 'attack_balanced_accuracy', 'forget_member_rate',
+            'forget_vs_test_auc'):
+    assert math.isnan(lr[k]), k
+  assert (lr['n_retain'], lr['n_test'], lr['n_forget'], lr['n_splits']) == (60, 30, 10, 5)
+  records = [x for x in caplog.records if x.levelno == logging.WARNING]
+  assert len(records) == 3
+  for rec, fn in zip(records, ('svc_mia', 'svc_mia', 'logreg_mia')):
+    msg = rec.getMessage()
+    assert msg.startswith(fn) and "'neggrad_plus'" in msg
+    assert f'1 of {sets[where].size} {where}' in msg
+
+
+def test_diverged_losses_without_a_name_still_warn(caplog):
+  with caplog.at_level(logging.WARNING, logger='forgetmi_jax'):
+    d = mia.svc_mia([0.1, np.nan, 0.2], [1.0, 2.0], [np.nan], per_batch_mean=True,
+                    batch_size=2, return_details=True)
+  assert math.isnan(d['score']) and d['per_batch_mean']
+  assert (d['n_retain'], d['n_test'], d['n_forget']) == (2, 1, 1)  # batch means
+  assert len(caplog.records) == 1 and 'model' not in caplog.records[0].getMessage()
 
 
 def test_logreg_mia_separable_and_uninformative():

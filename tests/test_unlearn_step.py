@@ -1,11 +1,13 @@
 """The Forget-MI step on the real (tiny) model: frozen heads, weights as a traced argument,
 cached original outputs equal to the live path, config errors."""
+import copy
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from forgetmi_jax import pipeline
+from forgetmi_jax.runs import setup as run_setup
+from forgetmi_jax.train import loop
 from forgetmi_jax.unlearning.forgetmi import ForgetMIMethod
 from tests.helpers import tiny_config
 
@@ -13,57 +15,59 @@ from tests.helpers import tiny_config
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   config = tiny_config(tmp_path_factory.mktemp('step'))
-  prep = pipeline.prepare(config)
-  from forgetmi_jax.train.trainer import create_train_state
-  v = prep.init_variables
-  original = create_train_state(v['params'], v['batch_stats'], config.train, 10, 0)
-  return prep, original
+  prep = run_setup.prepare(config)
+  return prep, prep.init_variables(0)
 
 
-def _method(prep, **unlearn):
-  config = prep.config.copy_and_resolve_references()
-  with config.unlocked():
-    for k, val in unlearn.items():
-      config.unlearn[k] = val
-  ctx = pipeline.make_context(prep)
-  ctx.config = config
-  return ForgetMIMethod(ctx, config.unlearn)
+def _method(prep, **overrides):
+  cfg = copy.deepcopy(prep.config.forgetmi)
+  with cfg.unlocked():
+    for k, val in overrides.items():
+      node = cfg
+      *parents, leaf = k.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = val
+  return ForgetMIMethod(run_setup.make_context(prep), [loop.Copy(0, cfg)])
 
 
 def _first_batch(method, original, epoch=0):
   method.prepare(original)
-  hp = method.start_epoch(epoch, method.hparams(), original)
-  batch = next(iter(method.epoch_batches(epoch)))
-  return method.prepare_batch(batch, epoch), hp
+  hp = method.start_epoch(epoch, method.hparams(method.copies[0]))
+  batch = next(iter(method.seed_batches(epoch, 0)))
+  return method.prepare_batch(batch, epoch, 0), hp
 
 
 def test_heads_unchanged_encoders_move(setup):
   prep, original = setup
   method = _method(prep)
-  state = method.init_state(original)
+  state = method.init_state(original, method.copies[0])
   batch, hp = _first_batch(method, original)
+  step = jax.jit(method.step)
   for i in range(2):
-    state, metrics = method.step(state, original, batch, method.step_rng(0, i), hp)
+    state, metrics = step(state, original, batch, method.step_rng(0, 0, i), hp)
   assert np.isfinite(float(metrics['loss']))
   for head in ('image_head', 'text_head', 'joint_head'):
-    for a, b in zip(jax.tree.leaves(state.params[head]), jax.tree.leaves(original.params[head])):
+    for a, b in zip(jax.tree.leaves(state.params[head]),
+                    jax.tree.leaves(original['params'][head])):
       assert np.array_equal(np.asarray(a), np.asarray(b)), head
   for module in ('image_encoder', 'text_encoder', 'fusion'):
     moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-             zip(jax.tree.leaves(state.params[module]), jax.tree.leaves(original.params[module]))]
+             zip(jax.tree.leaves(state.params[module]),
+                 jax.tree.leaves(original['params'][module]))]
     assert any(moved), module
 
 
 def test_weights_change_loss_without_recompiling(setup):
   prep, original = setup
   method = _method(prep)
-  state = method.init_state(original)
+  state = method.init_state(original, method.copies[0])
   batch, hp = _first_batch(method, original)
-  step = method.unlearn_step
+  step = jax.jit(method.step)
   losses = []
   for w in ([1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.25, 0.25, 0.25, 0.25]):
-    _, m = step(state, original.params, original.batch_stats, batch, method.step_rng(0, 0),
-                dict(hp, loss_weights=jnp.asarray(w, jnp.float32)))
+    weights = {k: np.float32(v) for k, v in zip(('ur', 'uu', 'mu', 'mr'), w)}
+    _, m = step(state, original, batch, method.step_rng(0, 0, 0), dict(hp, loss_weights=weights))
     losses.append(float(m['loss']))
     # the four terms do not depend on the weights; the total is their weighted sum
     np.testing.assert_allclose(m['loss'], np.dot(w, [m['ur'], m['uu'], m['mu'], m['mr']]),
@@ -77,46 +81,41 @@ def test_cached_original_equals_live(setup):
   cached = _method(prep, cache_original_outputs=True)
   live = _method(prep, cache_original_outputs=False)
   assert cached.cached and not live.cached
-  state = cached.init_state(original)
+  state = cached.init_state(original, cached.copies[0])
   b_cached, hp = _first_batch(cached, original)
   b_live, hp_live = _first_batch(live, original)
   assert 'targets' in b_cached and 'targets' not in b_live
-  _, m_cached = cached.step(state, original, b_cached, cached.step_rng(0, 0), hp)
-  _, m_live = live.step(state, original, b_live, live.step_rng(0, 0), hp_live)
+  _, m_cached = cached.step(state, original, b_cached, cached.step_rng(0, 0, 0), hp)
+  _, m_live = live.step(state, original, b_live, live.step_rng(0, 0, 0), hp_live)
   for k in ('loss', 'ur', 'uu', 'mu', 'mr'):
     np.testing.assert_allclose(m_cached[k], m_live[k], rtol=1e-5, atol=1e-6)
 
 
 def test_resampled_noise_changes_targets_by_epoch(setup):
   prep, original = setup
-  import ml_collections
-  method = _method(prep)
-  with method.cfg.unlocked():
-    method.cfg.noise.resample_each_epoch = True
-  method = ForgetMIMethod(method.ctx, method.cfg)
+  method = _method(prep, **{'noise.resample_each_epoch': True})
+  key = method.target_key(method.copies[0])
   method.prepare(original)
-  t0 = method.start_epoch(0, method.hparams(), original) and method.targets['forget']['forget_uni']
-  t0 = np.array(t0)
-  method.start_epoch(1, method.hparams(), original)
-  assert not np.allclose(t0, method.targets['forget']['forget_uni'])
+  t0 = np.array(method.targets[key]['forget_uni'])
+  method.start_epoch(1, method.hparams(method.copies[0]))
+  assert not np.allclose(t0, method.targets[key]['forget_uni'])
   fixed = _method(prep)
   fixed.prepare(original)
-  fixed.start_epoch(0, fixed.hparams(), original)
-  a = np.array(fixed.targets['forget']['forget_uni'])
-  fixed.targets.pop('forget')
-  fixed.start_epoch(1, fixed.hparams(), original)
-  np.testing.assert_array_equal(a, fixed.targets['forget']['forget_uni'])
+  a = np.array(fixed.targets[key]['forget_uni'])
+  fixed.start_epoch(1, fixed.hparams(fixed.copies[0]))
+  np.testing.assert_array_equal(a, fixed.targets[key]['forget_uni'])
 
 
 @pytest.mark.parametrize('key,value,message', [
-    ('unlearn.setting', 'bogus', 'unlearn.setting'),
-    ('unlearn.lr', -1.0, 'unlearn.lr'),
+    ('forgetmi.setting', 'bogus', 'forgetmi.setting'),
+    ('forgetmi.lr', -1.0, 'forgetmi.lr'),
+    ('scrub.lr', 0.0, 'scrub.lr'),
     ('data.source', 'nowhere', 'data.source'),
-    ('unlearn.noise.text_p', 2.0, 'text_p'),
+    ('forgetmi.noise.text_p', 2.0, 'text_p'),
     ('method', 'nope', 'method'),
 ])
 def test_invalid_values_fail_before_training(tmp_path, key, value, message):
   config = tiny_config(tmp_path, **{key: value})
   with pytest.raises(ValueError, match=message):
-    pipeline.prepare(config)
+    run_setup.prepare(config)
   assert not (tmp_path / 'cache').exists() or not any((tmp_path / 'cache').iterdir())

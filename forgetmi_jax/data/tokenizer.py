@@ -2,18 +2,31 @@
 
 Why: without network access there is no SciBERT vocabulary to download, and a small vocabulary
 fitted to the reports keeps a randomly initialised text encoder small. `[NOISE]` (the text
-noise mask of REFERENCE 4) is an added special token so it is never lower-cased or split.
+noise mask of REFERENCE 4) is an added special token of that vocabulary (its own id, one more
+embedding row), so it is never lower-cased or split.
+
 Pass the path of a real BERT/SciBERT tokenizer folder to `load_tokenizer` to use that instead.
+A pretrained vocabulary has no `[NOISE]`, and a new token would get id = vocab size, a row the
+pretrained embedding does not have (JAX's out-of-range lookup gives NaN). So there `[NOISE]` is
+mapped onto a token the vocabulary has, `[MASK]` by default (else `[UNK]`): a normaliser step
+rewrites it into an internal alias word whose WordPiece id is that token's id.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
 from typing import Iterable
 
+import numpy as np
+
+log = logging.getLogger('forgetmi_jax')
+
 SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')  # [PAD] = 0
 NOISE_TOKEN = '[NOISE]'
+NOISE_ALIAS = 'forgetminoisealias'  # the word [NOISE] becomes in a pretrained tokenizer
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir):
@@ -74,16 +87,84 @@ def _deterministic_vocab(texts, vocab_size, normalizer, pre_tokenizer):
   return {t: i for i, t in enumerate(tokens)}
 
 
-def load_tokenizer(path):
-  """Load a saved tokenizer folder (ours or any local BERT tokenizer), never from the network."""
+def load_tokenizer(path, *, noise_target: str | None = None):
+  """Load a saved tokenizer folder (ours or any local BERT tokenizer), never from the network.
+
+  A vocabulary without `[NOISE]` (a pretrained one) gets `[NOISE]` mapped onto `noise_target`
+  (default: its mask token, else its unknown token), see `alias_noise_token`.
+  """
   import transformers
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'tokenizer folder not found: {path}')
   tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   if NOISE_TOKEN not in tok.get_vocab():
-    tok.add_special_tokens({'additional_special_tokens': [NOISE_TOKEN]})
+    alias_noise_token(tok, noise_target)
   return tok
+
+
+def alias_noise_token(tokenizer, target: str | None = None) -> int | None:
+  """Make `[NOISE]` encode to the id of `target`, a token the vocabulary already has.
+
+  Why not `add_special_tokens`: that appends id = vocab size, out of the pretrained embedding's
+  range. Here the backend's normaliser replaces `[NOISE]` by the word NOISE_ALIAS, and the
+  WordPiece vocabulary maps that word to `target`'s id (decoding that id still gives
+  `target`). Returns the id, or None (with a warning) when the tokenizer is not a WordPiece
+  one: then `[NOISE]` stays plain text, split into ordinary in-vocabulary pieces.
+  The alias lives in memory: `save_pretrained` does not keep it, `load_tokenizer` restores it.
+  """
+  from tokenizers import models, normalizers
+  vocab = tokenizer.get_vocab()
+  if target is None:
+    target = next((t for t in (tokenizer.mask_token, tokenizer.unk_token) if t and t in vocab),
+                  None)
+    if target is None:
+      raise ValueError('the tokenizer has neither a mask nor an unknown token to stand for '
+                       f'{NOISE_TOKEN}; pass noise_target')
+  if target not in vocab:
+    raise ValueError(f'noise_target {target!r} is not in the tokenizer\'s vocabulary')
+  target_id = int(vocab[target])
+  backend = getattr(tokenizer, 'backend_tokenizer', None)
+  spec = json.loads(backend.to_str())['model'] if backend is not None else {}
+  if spec.get('type') != 'WordPiece':
+    log.warning('%s tokenizer is not WordPiece: %s stays plain text (split into in-vocabulary '
+                'pieces)', type(tokenizer).__name__, NOISE_TOKEN)
+    return None
+  words = dict(spec['vocab'])
+  if words.get(NOISE_ALIAS, target_id) != target_id:
+    raise ValueError(f'the vocabulary already uses {NOISE_ALIAS!r} for another id')
+  words[NOISE_ALIAS] = target_id
+  backend.model = models.WordPiece(
+      vocab=words, unk_token=spec['unk_token'],
+      continuing_subword_prefix=spec['continuing_subword_prefix'],
+      max_input_chars_per_word=spec['max_input_chars_per_word'])
+  replace = normalizers.Replace(NOISE_TOKEN, f' {NOISE_ALIAS} ')
+  old = backend.normalizer
+  backend.normalizer = replace if old is None else normalizers.Sequence([replace, old])
+  got = noise_token_id(tokenizer)
+  if got != target_id:
+    raise RuntimeError(f'{NOISE_TOKEN} encodes to {got}, expected {target_id} ({target})')
+  return target_id
+
+
+def noise_token_id(tokenizer) -> int | None:
+  """The one id `[NOISE]` encodes to, or None when it is split into several tokens."""
+  ids = tokenizer(NOISE_TOKEN, add_special_tokens=False)['input_ids']
+  return int(ids[0]) if len(ids) == 1 else None
+
+
+def check_token_ids(input_ids, vocab_size: int, what: str = 'input_ids') -> None:
+  """Raise if any token id lies outside [0, vocab_size) (the embedding would return NaN).
+
+  The error names the first bad position and id, never text.
+  """
+  ids = np.asarray(input_ids)
+  bad = np.argwhere((ids < 0) | (ids >= int(vocab_size)))
+  if len(bad):
+    pos = tuple(int(i) for i in bad[0])
+    raise ValueError(f'{what}: {len(bad)} token id(s) outside [0, {int(vocab_size)}), first '
+                     f'{int(ids[pos])} at position {pos}; the tokenizer does not match the '
+                     f'text encoder\'s vocabulary')
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

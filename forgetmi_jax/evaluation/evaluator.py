@@ -3,7 +3,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from forgetmi_jax.train.common import forward
+from forgetmi_jax.models.apply import forward
 
 HEAD_FIELDS = {'image': 'logits_img', 'joint': 'logits_joint', 'text': 'logits_txt'}
 

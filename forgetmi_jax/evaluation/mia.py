@@ -8,6 +8,7 @@ The SVC score is coarse (it is a fraction thresholded by an imbalanced classifie
 retain vs 531 test losses), so `logreg_mia` adds a stronger, calibrated view: a class-balanced
 logistic regression with cross-validated attack AUC and the AUC separating forget from test.
 """
+import logging
 import math
 
 import numpy as np
@@ -25,14 +26,31 @@ DEFAULT_MAX_TRAIN = 20000
 LOSS_CLIP = 1e6
 LOG_EPS = 1e-12
 
+log = logging.getLogger(__name__)
+
 
 def _losses(x, name):
+  """Float64 losses [N]; empty is an error (a wiring bug), nan is not (a diverged model)."""
   a = np.asarray(x, dtype=np.float64).reshape(-1)
   if a.size == 0:
     raise ValueError(f'{name} losses are empty')
-  if np.isnan(a).any():
-    raise ValueError(f'{name} losses contain nan')
-  return np.clip(a, -LOSS_CLIP, LOSS_CLIP)
+  return a
+
+
+def _invalid(fn, name, sets):
+  """True (after a logged warning) when a loss set holds nan or -inf: a diverged model.
+
+  CE is >= 0, so -inf is as meaningless as nan. +inf stays valid (a probability of exactly 0)
+  and is clipped to LOSS_CLIP by the attacks. Only counts are logged, never values.
+  """
+  bad = {k: int(np.sum(np.isnan(a) | (a == -np.inf))) for k, a in sets.items()}
+  bad = {k: v for k, v in bad.items() if v}
+  if not bad:
+    return False
+  counts = ', '.join(f'{v} of {sets[k].size} {k}' for k, v in bad.items())
+  model = f'model {name!r}: ' if name is not None else ''
+  log.warning('%s: %slosses are nan or -inf (%s); the attack result is nan', fn, model, counts)
+  return True
 
 
 def batch_mean_losses(losses, batch_size=32, drop_last=False):
@@ -52,7 +70,7 @@ def batch_mean_losses(losses, batch_size=32, drop_last=False):
 
 
 def svc_mia(retain_losses, test_losses, forget_losses, seed=0, max_train=None,
-            per_batch_mean=False, batch_size=32, return_details=False):
+            per_batch_mean=False, batch_size=32, return_details=False, name=None):
   """Fraction of forget samples an SVC trained on retain (member) vs test (non-member) calls member.
 
   Features are the losses as a column vector; `SVC(C=3, kernel='rbf', gamma='auto')` as in
@@ -65,19 +83,32 @@ def svc_mia(retain_losses, test_losses, forget_losses, seed=0, max_train=None,
   `per_batch_mean=True` reproduces the public code's quirk (REFERENCE 8.5): each of the three
   sets is first reduced to one mean loss per consecutive batch of `batch_size`.
 
-  Returns a float, or with `return_details=True` a dict with the score and the attack's
-  member rates on its own training data (`retain_member_rate`, `test_member_rate`): the score
-  only means something relative to those.
+  A diverged model (nan or -inf losses in any set) gives nan, and a logged warning naming
+  `name` (the model), instead of an exception, so a long run still writes its report.
+
+  Returns a float, or with `return_details=True` a dict: `forget_member_rate` (= `score`, the
+  float) and the attack's member rates on its own training data (`retain_member_rate`,
+  `test_member_rate`): the score only means something relative to those; and the set sizes
+  the attack used (`n_retain`, `n_test`, `n_forget`; `n_retain_total` before subsampling).
   """
   retain = _losses(retain_losses, 'retain')
   test = _losses(test_losses, 'test')
   forget = _losses(forget_losses, 'forget')
-  if per_batch_mean:
-    retain, test, forget = (batch_mean_losses(a, batch_size) for a in (retain, test, forget))
-  n_retain_total = retain.size
   limit = DEFAULT_MAX_TRAIN if max_train is None else int(max_train)
   if limit < 1:
     raise ValueError('max_train must be >= 1')
+  if _invalid('svc_mia', name, {'retain': retain, 'test': test, 'forget': forget}):
+    rates = dict.fromkeys(('score', 'forget_member_rate', 'retain_member_rate',
+                           'test_member_rate'), math.nan)
+    if per_batch_mean:
+      retain, test, forget = (batch_mean_losses(a, batch_size) for a in (retain, test, forget))
+    sizes = {'n_retain': int(min(retain.size, limit)), 'n_retain_total': int(retain.size),
+             'n_test': int(test.size), 'n_forget': int(forget.size)}
+    return dict(rates, **sizes, per_batch_mean=bool(per_batch_mean)) if return_details else math.nan
+  retain, test, forget = (np.clip(a, -LOSS_CLIP, LOSS_CLIP) for a in (retain, test, forget))
+  if per_batch_mean:
+    retain, test, forget = (batch_mean_losses(a, batch_size) for a in (retain, test, forget))
+  n_retain_total = retain.size
   if retain.size > limit:
     rng = np.random.default_rng(seed)
     retain = retain[np.sort(rng.choice(retain.size, size=limit, replace=False))]
@@ -90,6 +121,7 @@ def svc_mia(retain_losses, test_losses, forget_losses, seed=0, max_train=None,
     return score
   return {
       'score': score,
+      'forget_member_rate': score,
       'retain_member_rate': float(np.mean(clf.predict(retain[:, None]) == 1)),
       'test_member_rate': float(np.mean(clf.predict(test[:, None]) == 1)),
       'n_retain': int(retain.size),
@@ -112,7 +144,7 @@ def _auc(pos_scores, neg_scores):
   return float(roc_auc_score(y, np.concatenate([pos_scores, neg_scores])))
 
 
-def logreg_mia(retain_losses, test_losses, forget_losses, seed=0, n_splits=5):
+def logreg_mia(retain_losses, test_losses, forget_losses, seed=0, n_splits=5, name=None):
   """A stronger loss attack: balanced logistic regression on [loss, log loss].
 
   Stratified k-fold (shuffled with `seed`) over retain (1) vs test (0) gives out-of-fold
@@ -123,6 +155,8 @@ def logreg_mia(retain_losses, test_losses, forget_losses, seed=0, n_splits=5):
   - `forget_member_rate`: fraction of forget samples with log-odds > 0 (balanced prior);
   - `forget_vs_test_auc`: AUC separating forget (positive) from test (negative); 0.5 = the
     forget set looks like unseen data, 1.0 = it still looks like training data.
+  Nan or -inf losses (a diverged model) give nan rates and AUCs and a logged warning naming
+  `name`, not an exception.
   """
   retain = _losses(retain_losses, 'retain')
   test = _losses(test_losses, 'test')
@@ -130,6 +164,12 @@ def logreg_mia(retain_losses, test_losses, forget_losses, seed=0, n_splits=5):
   k = min(int(n_splits), retain.size, test.size)
   if k < 2:
     raise ValueError('logreg_mia needs at least 2 retain and 2 test losses')
+  sizes = {'n_splits': int(k), 'n_retain': int(retain.size), 'n_test': int(test.size),
+           'n_forget': int(forget.size)}
+  if _invalid('logreg_mia', name, {'retain': retain, 'test': test, 'forget': forget}):
+    return dict(dict.fromkeys(('attack_auc', 'attack_balanced_accuracy', 'forget_member_rate',
+                               'forget_vs_test_auc'), math.nan), **sizes)
+  retain, test, forget = (np.clip(a, -LOSS_CLIP, LOSS_CLIP) for a in (retain, test, forget))
   x = _features(np.concatenate([retain, test]))
   y = np.concatenate([np.ones(retain.size), np.zeros(test.size)]).astype(np.int64)
   xf = _features(forget)
@@ -149,8 +189,5 @@ def logreg_mia(retain_losses, test_losses, forget_losses, seed=0, n_splits=5):
       'attack_balanced_accuracy': float(balanced_accuracy_score(y, (oof > 0).astype(np.int64))),
       'forget_member_rate': float(np.mean(forget_scores > 0)),
       'forget_vs_test_auc': _auc(forget_scores, test_scores),
-      'n_splits': int(k),
-      'n_retain': int(retain.size),
-      'n_test': int(test.size),
-      'n_forget': int(forget.size),
+      **sizes,
   }

@@ -18,21 +18,12 @@ import numpy as np
 
 from forgetmi_jax.evaluation.gaps import METRIC_KEYS, retrain_gaps
 from forgetmi_jax.io_utils import atomic_write
+from forgetmi_jax.unlearning import registry
 
 MISSING = '—'
 STANDARD_KEYS = METRIC_KEYS + ('distance_to_retrain', 'seconds')
 GAP_KEYS = tuple(f'gap_{k}' for k in METRIC_KEYS) + ('avg_gap',)
 
-METHOD_NAMES = {
-    'original': 'Original',
-    'retrain': 'Retrain',
-    'neggrad_plus': 'NegGrad+',
-    'scrub': 'SCRUB',
-    'cf_k': 'CF-k',
-    'eu_k': 'EU-k',
-    'multidelete': 'MultiDelete',
-    'forgetmi': 'Forget-MI',
-}
 
 # Table 1 of Hardan et al. (2025), transcribed from REFERENCE 6: per method, for 3 % / 6 % /
 # 10 % forget sets, MIA, forget AUC, forget F1, test AUC, test F1.
@@ -177,7 +168,7 @@ def markdown_table(headers, rows, digits=3, align=None):
 
 
 def display_name(key):
-  return METHOD_NAMES.get(key, key)
+  return registry.label(key)
 
 
 def ordered_models(models):
@@ -416,3 +407,15 @@ def plot_loss_histograms(losses, path, bins=40, density=True, log_scale=False, t
 
   atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120))
   return os.fspath(path)
+
+
+def write_run_outputs(workdir, payload: dict, losses: dict, title='Forget-MI evaluation'):
+  """A run's outputs: metrics.json (atomic), per-example losses (npz), report.md and the loss
+  histograms (Fig. 3). `losses`: {model: {set: per-example CE}}."""
+  write_json_atomic(payload, os.path.join(workdir, 'metrics.json'))
+  flat = {f'{m}/{s}': v for m, d in losses.items() for s, v in d.items()}
+  atomic_write(os.path.join(workdir, 'losses.npz'), lambda f: np.savez(f, **flat))
+  write_report(payload, os.path.join(workdir, 'report.md'), title=title)
+  plot_loss_histograms({m: {'test': d['test'], 'forget': d['forget']} for m, d in losses.items()},
+                       os.path.join(workdir, 'loss_histograms.png'))
+  return payload

@@ -41,6 +41,9 @@ class MultimodalModel(nn.Module):
   `image` is a dict of ResNetEncoder kwargs (or a ResNetEncoder used as a template), `text` a
   BertConfig, `fusion` a dict of MAG kwargs. Dropout needs the 'dropout' rng only when
   train=True; BatchNorm statistics are in 'batch_stats' (mutable in train mode).
+  `dtype` is the compute dtype (float32 or bfloat16): parameters, BatchNorm statistics and
+  the optimiser stay float32; BatchNorm/LayerNorm statistics, the attention softmax, MAG's
+  norms, the heads and every output are float32 whatever it is.
   """
   image: Any = None
   text: BertConfig = BertConfig()
@@ -67,13 +70,14 @@ class MultimodalModel(nn.Module):
         input_ids, attention_mask, train=train)
     z_joint = MAG(**dict(self.fusion or {}), dtype=self.dtype, name='fusion')(
         z_img, z_txt, train=train)
-    head = lambda name: nn.Dense(self.num_classes, dtype=self.dtype, name=name)  # noqa: E731
-    as32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    # Outputs in float32 whatever the compute dtype: losses, distances and the attack read
+    # them. The heads (D -> 4) cost nothing, so they run in float32 on the float32 embeddings.
+    z_img, z_txt, z_joint = (x.astype(jnp.float32) for x in (z_img, z_txt, z_joint))
+    head = lambda name: nn.Dense(self.num_classes, dtype=jnp.float32, name=name)  # noqa: E731
     return ModelOutputs(
-        z_img=as32(z_img), z_txt=as32(z_txt),
-        z_uni=as32(jnp.concatenate([z_img, z_txt], axis=-1)), z_joint=as32(z_joint),
-        logits_img=as32(head('image_head')(z_img)), logits_txt=as32(head('text_head')(z_txt)),
-        logits_joint=as32(head('joint_head')(z_joint)))
+        z_img=z_img, z_txt=z_txt, z_uni=jnp.concatenate([z_img, z_txt], axis=-1),
+        z_joint=z_joint, logits_img=head('image_head')(z_img),
+        logits_txt=head('text_head')(z_txt), logits_joint=head('joint_head')(z_joint))
 
 
 def init_variables(model: MultimodalModel, rng: jax.Array, image_size: int, text_len: int,
@@ -93,6 +97,16 @@ def init_variables(model: MultimodalModel, rng: jax.Array, image_size: int, text
 
 
 _DROPOUT_KEYS = ('hidden_dropout_prob', 'attention_probs_dropout_prob')
+# The jnp scalar types themselves (float32 is MultimodalModel's default field value, so a
+# float32 model built from a config equals, and hashes like, one built without it).
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name):
+  """`model.dtype` (a string) -> the jnp dtype; anything but COMPUTE_DTYPES is an error."""
+  if not isinstance(name, str) or name not in COMPUTE_DTYPES:
+    raise ValueError(f'model.dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}')
+  return COMPUTE_DTYPES[name]
 
 
 def build_model(model_cfg):
@@ -106,9 +120,11 @@ def build_model(model_cfg):
           BERT folder (architecture from its config.json; only the dropout rates given here
           apply)}.
   fusion: MAG kwargs (variant, beta, eps, dropout_rate).
+  dtype:  compute dtype, 'float32' (default) or 'bfloat16' (see MultimodalModel).
   Pretrained params go into fresh variables with `load_bert_params_into`.
   """
   cfg = model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)
+  dtype = compute_dtype(cfg.get('dtype', 'float32'))
   image = dict(cfg.get('image') or {})
   preset = image.pop('preset', '')
   image = {**(resnet_preset(preset) if preset else {}), **image}
@@ -131,5 +147,5 @@ def build_model(model_cfg):
   if not image.get('embed_dim'):
     image['embed_dim'] = int(text_cfg.hidden_size)
   model = MultimodalModel(image=image, text=text_cfg, fusion=dict(cfg.get('fusion') or {}),
-                          num_classes=int(cfg.get('num_classes', 4)))
+                          num_classes=int(cfg.get('num_classes', 4)), dtype=dtype)
   return model, text_params, tokenizer

@@ -1,25 +1,16 @@
 """Cache of trained models keyed by a hash of everything that determines them.
 
 The original and retrained models are expensive and shared by every unlearning run, grid
-setting and baseline on the same data; a run looks them up here before training.
+setting and baseline on the same data; a run looks them up here before training. Each entry is
+`<cache>/<kind>-<key>/` with the model's variables and a COMPLETE file written last; an entry
+is built under an exclusive lock, so two runs sharing a cache never write one entry together.
 """
-import hashlib
+import contextlib
+import fcntl
 import json
 import os
 
-
-def fingerprint(*parts) -> str:
-  """Stable short hash of JSON-serialisable parts (configs as dicts, id lists as lists)."""
-  blob = json.dumps(parts, sort_keys=True, default=_default).encode()
-  return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _default(x):
-  if hasattr(x, 'tolist'):
-    return x.tolist()
-  if hasattr(x, 'to_dict'):
-    return x.to_dict()
-  raise TypeError(f'cannot fingerprint {type(x).__name__}')
+from forgetmi_jax.config import fingerprint  # noqa: F401  (re-exported: the cache's key)
 
 
 def entry_dir(cache_dir: str, kind: str, key: str) -> str:
@@ -31,12 +22,26 @@ def is_complete(path: str) -> bool:
 
 
 def mark_complete(path: str, meta: dict):
+  os.makedirs(path, exist_ok=True)
   tmp = os.path.join(path, '.COMPLETE.tmp')
   with open(tmp, 'w') as f:
-    json.dump(meta, f, indent=1, sort_keys=True, default=_default)
+    json.dump(meta, f, indent=1, sort_keys=True, default=str)
   os.replace(tmp, os.path.join(path, 'COMPLETE'))
 
 
 def read_meta(path: str) -> dict:
   with open(os.path.join(path, 'COMPLETE')) as f:
     return json.load(f)
+
+
+@contextlib.contextmanager
+def lock(path: str):
+  """Exclusive lock on `path` (a cache entry) across processes: a second run waits, then
+  finds the entry complete instead of writing it again."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+  with open(os.path.abspath(path) + '.lock', 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

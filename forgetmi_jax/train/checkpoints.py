@@ -1,12 +1,24 @@
-"""Orbax checkpoints of a TrainState, one per epoch, resumable after kill -9.
+"""Orbax checkpoints: a run's per-epoch TrainStates (resumable after kill -9) and a finished
+model's variables.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a killed run
-leaves either a whole checkpoint or none; `cleanup_tmp_directories` removes the debris.
+leaves either a whole checkpoint or none; `cleanup_tmp_directories` removes the debris. A
+checkpoint that cannot be read raises one error naming its folder and what to do.
 """
 import os
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _unreadable(path, err):
+  return CheckpointError(
+      f'checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}). It is '
+      'truncated or from another version: delete that folder to retrain or rerun from scratch.')
 
 
 class Checkpoints:
@@ -30,7 +42,7 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def restore(self, state, epoch: int | None = None):
-    """Restore into the structure of `state`; returns (state, extra or None)."""
+    """Restore into the structure of `state`; returns (state, extra or {})."""
     epoch = self.latest_epoch() if epoch is None else epoch
     if epoch is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
@@ -39,9 +51,32 @@ class Checkpoints:
     args = {'state': ocp.args.StandardRestore(abstract)}
     if os.path.exists(os.path.join(self.directory, str(epoch), 'extra')):
       args['extra'] = ocp.args.JsonRestore()
-    restored = self.manager.restore(epoch, args=ocp.args.Composite(**args))
-    extra = restored['extra'] if 'extra' in args else None
-    return state.restore_items(restored['state']), extra
+    try:
+      restored = self.manager.restore(epoch, args=ocp.args.Composite(**args))
+    except Exception as e:  # orbax raises many kinds; all mean the same to a user
+      raise _unreadable(os.path.join(self.directory, str(epoch)), e) from None
+    extra = restored['extra'] if 'extra' in args else {}
+    return state.restore_items(restored['state']), extra or {}
 
   def close(self):
     self.manager.close()
+
+
+def save_variables(path: str, variables):
+  """A finished model's `{'params', 'batch_stats'}` (written to a temp folder, then renamed)."""
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, jax.device_get(variables), force=True)
+
+
+def load_variables(path: str, like=None):
+  """The variables saved by `save_variables` (shaped like `like` when given)."""
+  path = os.path.abspath(path)
+  abstract = (jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, jax.device_get(like))
+              if like is not None else None)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      out = ckptr.restore(path, abstract) if abstract is not None else ckptr.restore(path)
+  except Exception as e:
+    raise _unreadable(path, e) from None
+  return {'params': out['params'], 'batch_stats': out['batch_stats']}

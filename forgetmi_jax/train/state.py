@@ -1,83 +1,57 @@
-"""Train state with BatchNorm statistics and an explicit rng, and the shared optimiser."""
-from typing import Any, Callable, Sequence
+"""The train state: everything a step changes, as one pytree (what a checkpoint holds)."""
+from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-HEAD_NAMES = ('image_head', 'text_head', 'joint_head')
-
 
 class TrainState(struct.PyTreeNode):
-  """Everything a step changes, as one pytree (what a checkpoint holds)."""
+  """params, BatchNorm statistics, optimiser state and the step count of one model copy.
+
+  `grad_acc` holds summed gradients for methods that step once per epoch (REFERENCE 8.2);
+  None otherwise. Copies are stacked on a leading axis by the loop (train/loop.py); all copies
+  share one `tx` object (static data: an equal but new one would recompile the step).
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
-  rng: jax.Array
-  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  grad_acc: Any = None
+  tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def create(cls, params, batch_stats, tx, rng):
-    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-               opt_state=tx.init(params), rng=rng, tx=tx)
+  def create(cls, variables, tx, accumulate: bool = False):
+    """A fresh state from `{'params', 'batch_stats'}` (copied, so the source stays intact)."""
+    params = jax.tree_util.tree_map(jnp.array, variables['params'])
+    stats = jax.tree_util.tree_map(jnp.array, variables['batch_stats'])
+    acc = jax.tree_util.tree_map(jnp.zeros_like, params) if accumulate else None
+    return cls(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+               opt_state=tx.init(params), grad_acc=acc, tx=tx)
+
+  @property
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
   def apply_gradients(self, grads, **changes):
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
 
+  def accumulate(self, grads, **changes):
+    return self.replace(grad_acc=jax.tree_util.tree_map(jnp.add, self.grad_acc, grads),
+                        **changes)
+
+  def apply_accumulated(self):
+    """One optimiser step on the summed gradients, then start a new sum."""
+    state = self.apply_gradients(self.grad_acc)
+    return state.replace(grad_acc=jax.tree_util.tree_map(jnp.zeros_like, self.grad_acc))
+
   def checkpoint_items(self):
-    return dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
-                opt_state=self.opt_state, rng=self.rng)
+    items = dict(step=self.step, params=self.params, batch_stats=self.batch_stats,
+                 opt_state=self.opt_state, grad_acc=self.grad_acc)
+    return {k: v for k, v in items.items() if v is not None}
 
   def restore_items(self, items):
     return self.replace(**items)
-
-
-def _path_names(path):
-  return [getattr(k, 'key', getattr(k, 'name', str(k))) for k in path]
-
-
-def decay_mask(params):
-  """Weight decay on kernels and embeddings only: not on biases, LayerNorm or BatchNorm."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: _path_names(path)[-1] in ('kernel', 'embedding'), params)
-
-
-def prefix_mask(params, prefixes: Sequence[str]):
-  """True for leaves under any of the top-level submodules named in `prefixes`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: _path_names(path)[0] in prefixes, params)
-
-
-def make_optimizer(params, lr, weight_decay=0.01, eps=1e-6, frozen: Sequence[str] = (),
-                   frozen_mask: Callable | None = None, b1=0.9, b2=0.999,
-                   clip_norm: float | None = None):
-  """AdamW with the learning rate as an injected hyperparameter (so grids can vary it
-  without recompiling) and exact zero updates for frozen submodules (heads stay bit-identical)."""
-  chain = []
-  if clip_norm:
-    chain.append(optax.clip_by_global_norm(clip_norm))
-  chain.append(optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
-      learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
-  mask = frozen_mask(params) if frozen_mask is not None else None
-  if mask is None and frozen:
-    mask = prefix_mask(params, frozen)
-  if mask is not None:
-    chain.append(optax.masked(optax.set_to_zero(), mask))
-  return optax.chain(*chain)
-
-
-def set_learning_rate(opt_state, lr):
-  """Return opt_state with the injected learning rate replaced (works under vmap)."""
-  def visit(s):
-    if isinstance(s, optax.InjectHyperparamsState):
-      hp = dict(s.hyperparams)
-      hp['learning_rate'] = jnp.asarray(lr, dtype=jnp.asarray(hp['learning_rate']).dtype)
-      return s._replace(hyperparams=hp)
-    return s
-  return jax.tree_util.tree_map(
-      visit, opt_state, is_leaf=lambda s: isinstance(s, optax.InjectHyperparamsState))

@@ -9,36 +9,37 @@ heads (as in training); one pass over the whole retain set per epoch.
 """
 import jax
 
-from forgetmi_jax.train.common import forward, masked_mean
-from forgetmi_jax.unlearning.baselines_common import (BaselineMethod, heads_ce, last_k_mask,
-                                                      make_step, model_inputs, original_of)
-
-DROPOUT = 41
+from forgetmi_jax import rng as rng_lib
+from forgetmi_jax.models.apply import forward, model_inputs
+from forgetmi_jax.train.losses import heads_ce, masked_mean
+from forgetmi_jax.unlearning.blocks import last_k_mask
+from forgetmi_jax.unlearning.method import UnlearningMethod
 
 
 def retain_ce_loss(params, batch_stats, original, batch, rng, hp, apply_fn):
   del original, hp
   out, stats = forward(apply_fn, params, batch_stats, model_inputs(batch), train=True,
-                       rng=jax.random.fold_in(rng, DROPOUT))
+                       rng=jax.random.fold_in(rng, rng_lib.CF_K_DROPOUT))
   ce = masked_mean(heads_ce(out, batch['label']), batch['mask'])
   return ce, (stats, {'loss': ce})
 
 
-class CFkMethod(BaselineMethod):
+class CFkMethod(UnlearningMethod):
   name = 'cf_k'
 
-  def __init__(self, ctx, method_cfg):
-    super().__init__(ctx, method_cfg)
-    self.k_image, self.k_text = int(method_cfg.k_image), int(method_cfg.k_text)
-    apply_fn = ctx.apply_fn
-    self._step = make_step(lambda *a: retain_ce_loss(*a, apply_fn=apply_fn),
-                           trainable_fn=self.trainable)
+  def __init__(self, ctx, copies):
+    super().__init__(ctx, copies)
+    for key in ('k_image', 'k_text'):
+      if len({int(c.cfg[key]) for c in self.copies}) > 1:
+        raise ValueError(f'{self.name}: copies disagree on {key}')
+    self.k_image, self.k_text = int(self.cfg.k_image), int(self.cfg.k_text)
 
   def trainable(self, tree):
     return last_k_mask(tree, self.k_image, self.k_text)
 
-  def epoch_batches(self, epoch):
-    return self.retain_batches(epoch)
+  def seed_batches(self, epoch, seed):
+    return self.retain_batches(epoch, seed)
 
   def step(self, state, original, batch, rng, hparams):
-    return self._step(state, original_of(original), batch, rng, hparams)
+    loss = lambda *a: retain_ce_loss(*a, apply_fn=self.ctx.apply_fn)  # noqa: E731
+    return self.descend(loss, state, original, batch, rng, hparams)

@@ -2,18 +2,15 @@
 blocks and everything downstream, keep the rest frozen, retrain them on the retain set.
 
 Same blocks and loss as CF-k (see cf_k.py); the re-initialised leaves take a fresh model
-init (`ctx.init_params`, key from the seed) and their BatchNorm running statistics restart at
-flax's init (mean 0, variance 1), so nothing in them comes from the original.
+init (`ctx.init_params`, key from the copy's seed) and their BatchNorm running statistics
+restart at flax's init (mean 0, variance 1), so nothing in them comes from the original.
 """
-import types
-
 import jax
 import jax.numpy as jnp
 
-from forgetmi_jax.unlearning.baselines_common import path_names
+from forgetmi_jax import rng as rng_lib
+from forgetmi_jax.train.optim import path_names
 from forgetmi_jax.unlearning.cf_k import CFkMethod
-
-REINIT = 8111
 
 
 def reinitialise(params, batch_stats, fresh_params, trainable_fn):
@@ -33,10 +30,10 @@ def reinitialise(params, batch_stats, fresh_params, trainable_fn):
 class EUkMethod(CFkMethod):
   name = 'eu_k'
 
-  def init_state(self, original_state):
+  def start_variables(self, original, copy):
     if self.ctx.init_params is None:
       raise ValueError('EU-k needs ctx.init_params to draw fresh parameters')
-    key = jax.random.fold_in(jax.random.PRNGKey(int(self.ctx.config.seed)), REINIT)
-    params, stats = reinitialise(original_state.params, original_state.batch_stats,
-                                 self.ctx.init_params(key), self.trainable)
-    return super().init_state(types.SimpleNamespace(params=params, batch_stats=stats))
+    fresh = self.ctx.init_params(rng_lib.key(copy.seed, rng_lib.EU_K_REINIT))
+    params, stats = reinitialise(original['params'], original['batch_stats'], fresh,
+                                 self.trainable)
+    return {'params': params, 'batch_stats': stats}

@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forgetmi_jax.train.common import forward, masked_mean
-from forgetmi_jax.train.state import HEAD_NAMES
-from forgetmi_jax.unlearning.baselines_common import (BaselineMethod, make_step, model_inputs,
-                                                      original_of, teacher_outputs)
+from forgetmi_jax import rng as rng_lib
+from forgetmi_jax.models.apply import eval_outputs, forward, model_inputs
+from forgetmi_jax.train.losses import masked_mean, mse
+from forgetmi_jax.train.optim import HEAD_NAMES
+from forgetmi_jax.unlearning.method import UnlearningMethod
 
-DROPOUT_FORGET, DROPOUT_RETAIN, PERMUTE = 51, 52, 53
 TERMS = ('md', 'mkr', 'ukr')
 
 
@@ -41,45 +41,34 @@ def mismatch_permutation(mask, key):
   return jnp.zeros((b,), jnp.int32).at[order].set(src.astype(jnp.int32))
 
 
-def mse(a, b):
-  """Per-sample mean squared error over the embedding dimensions."""
-  return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=-1)
-
-
 def multidelete_loss(params, batch_stats, original, batch, rng, hp, apply_fn):
   forget, retain = batch['forget'], batch['retain']
-  perm = mismatch_permutation(forget['mask'], jax.random.fold_in(rng, PERMUTE))
+  perm = mismatch_permutation(forget['mask'], jax.random.fold_in(rng, rng_lib.MULTIDELETE_PERMUTE))
   mismatched = {'image': forget['image'], 'input_ids': forget['input_ids'][perm],
                 'attention_mask': forget['attention_mask'][perm]}
-  t_mis = teacher_outputs(apply_fn, original, mismatched)
-  t_ret = teacher_outputs(apply_fn, original, model_inputs(retain))
+  teacher = lambda x: jax.lax.stop_gradient(eval_outputs(apply_fn, original, x))  # noqa: E731
+  t_mis, t_ret = teacher(mismatched), teacher(model_inputs(retain))
   out_f, stats = forward(apply_fn, params, batch_stats, model_inputs(forget), train=True,
-                         rng=jax.random.fold_in(rng, DROPOUT_FORGET))
+                         rng=jax.random.fold_in(rng, rng_lib.MULTIDELETE_FORGET_DROPOUT))
   out_r, stats = forward(apply_fn, params, stats, model_inputs(retain), train=True,
-                         rng=jax.random.fold_in(rng, DROPOUT_RETAIN))
-  md = masked_mean(mse(out_f.z_joint, t_mis.z_joint), forget['mask'])
-  mkr = masked_mean(mse(out_r.z_joint, t_ret.z_joint), retain['mask'])
-  ukr = masked_mean(mse(out_r.z_img, t_ret.z_img), retain['mask'])
-  w = hp['weights']
-  loss = w[0] * md + w[1] * mkr + w[2] * ukr
-  return loss, (stats, {'loss': loss, 'md': md, 'mkr': mkr, 'ukr': ukr})
+                         rng=jax.random.fold_in(rng, rng_lib.MULTIDELETE_RETAIN_DROPOUT))
+  terms = {'md': masked_mean(mse(out_f.z_joint, t_mis.z_joint), forget['mask']),
+           'mkr': masked_mean(mse(out_r.z_joint, t_ret.z_joint), retain['mask']),
+           'ukr': masked_mean(mse(out_r.z_img, t_ret.z_img), retain['mask'])}
+  loss = sum(hp['weights'][k] * terms[k] for k in TERMS)
+  return loss, (stats, {'loss': loss, **terms})
 
 
-class MultiDeleteMethod(BaselineMethod):
+class MultiDeleteMethod(UnlearningMethod):
   name = 'multidelete'
-  frozen = HEAD_NAMES
+  frozen_modules = HEAD_NAMES
 
-  def __init__(self, ctx, method_cfg):
-    super().__init__(ctx, method_cfg)
-    w = np.array([float(method_cfg.weights[k]) for k in TERMS], np.float32)
+  def hparams(self, copy):
+    w = np.array([float(copy.cfg.weights[k]) for k in TERMS], np.float32)
     if np.any(w < 0) or w.sum() <= 0:
       raise ValueError(f'multidelete.weights must be >= 0 with a positive sum, got {w}')
-    self.weights = w
-    apply_fn = ctx.apply_fn
-    self._step = make_step(lambda *a: multidelete_loss(*a, apply_fn=apply_fn))
-
-  def hparams(self):
-    return {'weights': jnp.asarray(self.weights)}
+    return {'weights': {k: jnp.float32(v) for k, v in zip(TERMS, w)}}
 
   def step(self, state, original, batch, rng, hparams):
-    return self._step(state, original_of(original), batch, rng, hparams)
+    loss = lambda *a: multidelete_loss(*a, apply_fn=self.ctx.apply_fn)  # noqa: E731
+    return self.descend(loss, state, original, batch, rng, hparams)

@@ -7,12 +7,12 @@ once, an equal-size retain sample). The whole model trains, heads included: the 
 the logits. SGD with momentum, as in the SCRUB code base.
 """
 import jax
+import jax.numpy as jnp
 
-from forgetmi_jax.train.common import forward, masked_mean
-from forgetmi_jax.unlearning.baselines_common import (BaselineMethod, as_f32, heads_ce,
-                                                      make_step, model_inputs, original_of)
-
-DROPOUT_FORGET, DROPOUT_RETAIN = 21, 22
+from forgetmi_jax import rng as rng_lib
+from forgetmi_jax.models.apply import forward, model_inputs
+from forgetmi_jax.train.losses import heads_ce, masked_mean
+from forgetmi_jax.unlearning.method import UnlearningMethod
 
 
 def neggrad_plus_loss(params, batch_stats, original, batch, rng, hp, apply_fn):
@@ -20,9 +20,9 @@ def neggrad_plus_loss(params, batch_stats, original, batch, rng, hp, apply_fn):
   del original
   forget, retain = batch['forget'], batch['retain']
   out_f, stats = forward(apply_fn, params, batch_stats, model_inputs(forget), train=True,
-                         rng=jax.random.fold_in(rng, DROPOUT_FORGET))
+                         rng=jax.random.fold_in(rng, rng_lib.NEGGRAD_FORGET_DROPOUT))
   out_r, stats = forward(apply_fn, params, stats, model_inputs(retain), train=True,
-                         rng=jax.random.fold_in(rng, DROPOUT_RETAIN))
+                         rng=jax.random.fold_in(rng, rng_lib.NEGGRAD_RETAIN_DROPOUT))
   ce_f = masked_mean(heads_ce(out_f, forget['label']), forget['mask'])
   ce_r = masked_mean(heads_ce(out_r, retain['label']), retain['mask'])
   beta = hp['beta']
@@ -30,22 +30,18 @@ def neggrad_plus_loss(params, batch_stats, original, batch, rng, hp, apply_fn):
   return loss, (stats, {'loss': loss, 'ce_retain': ce_r, 'ce_forget': ce_f})
 
 
-def make_neggrad_plus_step(apply_fn):
-  return make_step(lambda *a: neggrad_plus_loss(*a, apply_fn=apply_fn))
-
-
-class NegGradPlusMethod(BaselineMethod):
+class NegGradPlusMethod(UnlearningMethod):
   name = 'neggrad_plus'
 
-  def __init__(self, ctx, method_cfg):
-    super().__init__(ctx, method_cfg)
-    beta = float(method_cfg.beta)
-    if not 0.0 <= beta <= 1.0:
-      raise ValueError(f'neggrad_plus.beta must be in [0, 1], got {beta}')
-    self._step = make_neggrad_plus_step(ctx.apply_fn)
+  def __init__(self, ctx, copies):
+    super().__init__(ctx, copies)
+    for c in self.copies:
+      if not 0.0 <= float(c.cfg.beta) <= 1.0:
+        raise ValueError(f'neggrad_plus.beta must be in [0, 1], got {c.cfg.beta}')
 
-  def hparams(self):
-    return {'beta': as_f32(self.cfg.beta)}
+  def hparams(self, copy):
+    return {'beta': jnp.float32(copy.cfg.beta)}
 
   def step(self, state, original, batch, rng, hparams):
-    return self._step(state, original_of(original), batch, rng, hparams)
+    loss = lambda *a: neggrad_plus_loss(*a, apply_fn=self.ctx.apply_fn)  # noqa: E731
+    return self.descend(loss, state, original, batch, rng, hparams)

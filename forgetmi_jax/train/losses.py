@@ -1,22 +1,8 @@
-"""Pieces every step shares: model forward in train/eval mode, masked means, safe norms."""
+"""The losses every method is built from, each written like its formula (per-sample values;
+callers average over real rows with `masked_mean`)."""
 import jax
 import jax.numpy as jnp
 import optax
-
-
-def forward(apply_fn, params, batch_stats, inputs, *, train: bool, rng=None):
-  """Run the multimodal model; returns (ModelOutputs, new batch_stats).
-
-  In eval mode BatchNorm uses running statistics and dropout is off, so the frozen original
-  gives the same outputs on every call; in train mode the batch statistics are updated.
-  """
-  variables = {'params': params, 'batch_stats': batch_stats}
-  args = (inputs['image'], inputs['input_ids'], inputs['attention_mask'])
-  if train:
-    out, mutated = apply_fn(variables, *args, train=True, rngs={'dropout': rng},
-                            mutable=['batch_stats'])
-    return out, mutated['batch_stats']
-  return apply_fn(variables, *args, train=False), batch_stats
 
 
 def masked_mean(x, mask):
@@ -34,6 +20,12 @@ def safe_norm(x, axis=-1):
 
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def heads_ce(out, labels):
+  """Per-sample CE summed over the image, text and joint heads (the training loss's CE)."""
+  return (cross_entropy(out.logits_img, labels) + cross_entropy(out.logits_txt, labels)
+          + cross_entropy(out.logits_joint, labels))
 
 
 def ranking_loss(z_img, z_txt, labels, input_ids, min_margin=0.5):
@@ -55,6 +47,20 @@ def ranking_loss(z_img, z_txt, labels, input_ids, min_margin=0.5):
   return loss_txt + loss_img
 
 
-def step_rng(rng, step, purpose: int):
-  """Per-step key: fold in the purpose, then the step, so any draw can be replayed alone."""
-  return jax.random.fold_in(jax.random.fold_in(rng, purpose), step)
+def distance(z, target):
+  """Per-sample Euclidean distance (not squared) to targets with a leading draw axis [K, B, D],
+  averaged over the K draws (REFERENCE 4)."""
+  return jnp.mean(safe_norm(z[None] - target), axis=0)
+
+
+def mse(a, b):
+  """Per-sample mean squared error over the embedding dimensions."""
+  return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=-1)
+
+
+def distill_kl(student_logits, teacher_logits, temperature):
+  """Per-sample KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton's scaling keeps gradients
+  comparable across T)."""
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2

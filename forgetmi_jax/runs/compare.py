@@ -26,15 +26,19 @@ import time
 
 import numpy as np
 
-from forgetmi_jax import pipeline
+
+from forgetmi_jax.config import method_config
 from forgetmi_jax.evaluation import report
+from forgetmi_jax.evaluation.evaluate import evaluate_models
+from forgetmi_jax.evaluation.evaluator import make_predict_fn, predict_logits
 from forgetmi_jax.evaluation.gaps import retrain_gaps
-from forgetmi_jax.train import cache as cache_lib
+from forgetmi_jax.evaluation.metrics import classification_metrics
+from forgetmi_jax.io_utils import atomic_write
+from forgetmi_jax.runs import setup
+from forgetmi_jax.unlearning import registry
 
 log = logging.getLogger('forgetmi_jax')
 
-METHODS = ('forgetmi', 'neggrad_plus', 'scrub', 'cf_k', 'eu_k', 'multidelete')
-MODEL_KEYS = ('original', 'retrain') + METHODS
 CRITERION = 'macro_f1(validation) - macro_f1(forget), image head'
 
 
@@ -88,41 +92,28 @@ def with_lr(config, name, lr):
   """A copy of the config with the method's learning rate set."""
   config = copy.deepcopy(config)
   with config.unlocked():
-    pipeline.method_config(config, name).lr = float(lr)
+    method_config(config, name).lr = float(lr)
   return config
 
 
-def run_key(prep, name):
-  """Everything that determines an unlearning run (so a reused checkpoint is the right one)."""
-  c = prep.config
-  return cache_lib.fingerprint(name, pipeline.method_config(c, name).to_dict(),
-                               c.unlearn.noise.to_dict(), prep.data_key, c.model.to_dict(),
-                               c.train.to_dict(), int(c.seed),
-                               np.asarray(prep.split.forget_idx).tolist(),
-                               np.asarray(prep.split.retain_idx).tolist())
-
-
 def run_or_reuse(prep, original, name, tag):
-  """Run method `name` (or reload a finished run with the same key); (state, seconds, history).
-
-  Finished runs leave DONE.json beside their checkpoints, so a rerun of the comparison
-  reports the original run's time instead of the seconds it takes to reload it.
-  """
-  ckpt_dir = os.path.join(prep.workdir, 'checkpoints', name, f'{tag}-{run_key(prep, name)}')
-  done = os.path.join(ckpt_dir, 'DONE.json')
-  state, seconds, history = pipeline.run_method(prep, original, name, ckpt_dir)
+  """Run method `name` (or reload a finished run of the same fingerprint); (variables,
+  seconds, history). Finished runs leave DONE.json beside their checkpoints, so a rerun of the
+  comparison reports the original run's time instead of the seconds it takes to reload it."""
+  result = setup.run_method(prep, original, name,
+                            ckpt_root=os.path.join(prep.workdir, 'checkpoints', tag))
+  done = os.path.join(prep.workdir, 'checkpoints', tag, name, result.fingerprint, 'DONE.json')
+  variables = result.states[0].variables
   if os.path.exists(done):
     with open(done) as f:
       meta = json.load(f)
-    return state, float(meta['seconds']), meta['history']
-  report.write_json_atomic({'seconds': seconds, 'history': history}, done)
-  return state, seconds, history
+    return variables, float(meta['seconds']), meta['history']
+  report.write_json_atomic({'seconds': result.seconds, 'history': result.histories[0],
+                            'fingerprint': result.fingerprint}, done)
+  return variables, result.seconds, result.histories[0]
 
 
-def image_f1(prep, predict, state, indices, labels):
-  from forgetmi_jax.evaluation.evaluator import predict_logits
-  from forgetmi_jax.evaluation.metrics import classification_metrics
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+def image_f1(prep, predict, variables, indices, labels):
   logits = predict_logits(predict, variables, prep.source, indices,
                           int(prep.config.eval.batch_size))
   return classification_metrics(logits, labels[indices])['f1']
@@ -130,12 +121,11 @@ def image_f1(prep, predict, state, indices, labels):
 
 def tune(prep, original, name, cc):
   """Try the lr grid on the tuning split; returns the selection record."""
-  from forgetmi_jax.evaluation.evaluator import make_predict_fn
   tune_split, val_idx = carve_validation(prep.split, prep.cohort.subject_id, cc.val_fraction,
                                          cc.val_seed)
   predict = make_predict_fn(prep.model.apply, prep.config.eval.head)
   labels = np.asarray(prep.cohort.labels)
-  preset = float(pipeline.method_config(prep.config, name).lr)
+  preset = float(method_config(prep.config, name).lr)
   records = []
   for lr in lr_grid(preset, cc.lr_factors):
     p = dataclasses.replace(prep, config=with_lr(prep.config, name, lr), split=tune_split)
@@ -155,21 +145,19 @@ def tune(prep, original, name, cc):
 def run_comparison(config, config_name='compare'):
   """The whole comparison; returns the comparison.json payload."""
   t_start = time.time()
-  prep = pipeline.prepare(config, config_name)
+  prep = setup.prepare(config, config_name)
   cc = config.compare
   methods = tuple(cc.methods)
-  unknown = sorted(set(methods) - set(METHODS))
+  unknown = sorted(set(methods) - set(registry.names()))
   if unknown:
-    raise ValueError(f'compare.methods has unknown names {unknown} (known: {METHODS})')
-  split = prep.split
-  non_test = np.sort(np.concatenate([split.forget_idx, split.retain_idx]))
-  original, t_orig = pipeline.train_or_load(prep, 'original', non_test)
-  retrain, t_retrain = pipeline.train_or_load(prep, 'retrain', split.retain_idx)
+    raise ValueError(f'compare.methods has unknown names {unknown} (known: {registry.names()})')
+  (original,), (t_orig,) = setup.train_or_load(prep, 'original')
+  (retrain,), (t_retrain,) = setup.train_or_load(prep, 'retrain')
   states, seconds = {'original': original, 'retrain': retrain}, {'original': t_orig,
                                                                  'retrain': t_retrain}
   tuning, histories, lrs = {}, {}, {}
   for name in methods:
-    lr = float(pipeline.method_config(config, name).lr)
+    lr = float(method_config(config, name).lr)
     if cc.tune:
       tuning[name] = tune(prep, original, name, cc)
       lr = tuning[name]['selected_lr']
@@ -177,15 +165,16 @@ def run_comparison(config, config_name='compare'):
     states[name], seconds[name], histories[name] = run_or_reuse(p, original, name, 'final')
     lrs[name] = lr
     log.info('%s done: lr %g, %.1fs', name, lr, seconds[name])
-  results, _ = pipeline.evaluate_models(prep, states, seconds)
+  results, _ = evaluate_models(prep.model, prep.source, prep.split, states, seconds,
+                               config.eval)
   for name in methods:
     results[name]['lr'] = lrs[name]
     if name in tuning:
       results[name]['tuning_seconds'] = tuning[name]['seconds']
   payload = {
-      'forget_fraction': float(len(split.forget_idx) / len(prep.cohort))
-      if config.data.forget_csv else float(config.forget_fraction),
-      'models': {k: results[k] for k in MODEL_KEYS if k in results},
+      'forget_fraction': prep.forget_fraction,
+      'models': {k: results[k] for k in ('original', 'retrain') + registry.names()
+                 if k in results},
       'tuning': {'enabled': bool(cc.tune), 'criterion': CRITERION,
                  'lr_factors': [float(f) for f in cc.lr_factors],
                  'val_fraction': float(cc.val_fraction), 'methods': tuning},
@@ -266,4 +255,5 @@ def build_markdown(payload):
 
 def write_outputs(workdir, payload):
   report.write_json_atomic(payload, os.path.join(workdir, 'comparison.json'))
-  report._atomic_write(os.path.join(workdir, 'comparison.md'), build_markdown(payload))
+  markdown = build_markdown(payload)
+  atomic_write(os.path.join(workdir, 'comparison.md'), lambda f: f.write(markdown), binary=False)

@@ -1,0 +1,241 @@
+"""What every runner does first, written once: config -> cohort -> forget split -> tokens ->
+model -> cached reference models (original, retrained) -> method copies on the loop.
+
+Fingerprints: a reference model is cached under a key of what it was trained on (data, model,
+training config, seed, example ids); an unlearning run's checkpoints live under a key of
+everything that determines its result (the method's config group, the data, model and
+training config, the forget and retain ids), so a rerun with other settings never resumes
+or reports another run's model.
+"""
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from forgetmi_jax import config as config_lib
+from forgetmi_jax.data.forget_sets import make_forget_split
+from forgetmi_jax.data.noise import TextNoiser
+from forgetmi_jax.data.pipeline import make_source, noisy_token_table
+from forgetmi_jax.data.tokenizer import load_tokenizer, train_wordpiece_tokenizer
+from forgetmi_jax.models.bert import load_bert_params_into
+from forgetmi_jax.models.multimodal import build_model, init_variables
+from forgetmi_jax.train import cache as cache_lib
+from forgetmi_jax.train import loop, parallel
+from forgetmi_jax.train.checkpoints import load_variables, save_variables
+from forgetmi_jax.train.trainer import TrainMethod
+from forgetmi_jax.unlearning import registry
+from forgetmi_jax.unlearning.method import UnlearnContext
+
+log = logging.getLogger('forgetmi_jax')
+_DATA_KEYS_OF_SPLIT = ('forget_csv', 'forget_seed', 'data_dir')  # the split, not the data
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What every stage after data preparation needs."""
+  config: Any
+  cohort: Any
+  split: Any
+  tokenizer: Any
+  source: Any
+  model: Any
+  mesh: Any
+  data_key: str
+  workdir: str
+  cache_dir: str
+  init_variables: Callable  # seed -> fresh {'params', 'batch_stats'} (pretrained text loaded)
+
+  @property
+  def non_test_idx(self):
+    return np.sort(np.concatenate([self.split.forget_idx, self.split.retain_idx]))
+
+  @property
+  def forget_fraction(self):
+    """Of all images: the configured fraction, or the given forget list's share."""
+    if self.config.data.forget_csv:
+      return float(len(self.split.forget_idx) / len(self.cohort))
+    return float(self.config.forget_fraction)
+
+
+def default_dirs(config, config_name='run'):
+  workdir = config.workdir or os.path.join('runs', config_name)
+  cache_dir = config.cache_dir or os.path.join(os.path.dirname(os.path.abspath(workdir)), 'cache')
+  return os.path.abspath(workdir), os.path.abspath(cache_dir)
+
+
+# ------------------------------------------------------------------------------ data
+def build_cohort(config, cache_dir):
+  d = config.data
+  if d.source == 'synthetic':
+    from forgetmi_jax.data.synthetic import make_synthetic_cohort
+    knobs = {k: v for k, v in d.synthetic.items() if not (isinstance(v, float) and v < 0)}
+    return make_synthetic_cohort(seed=int(config.seed), image_size=int(d.image_size),
+                                 split_csv=d.split_csv or None, **knobs)
+  from forgetmi_jax.data.mimic_cxr import load_mimic_cxr  # tensorflow-datasets: optional, heavy
+  return load_mimic_cxr(d.split_csv, d.mimic_root, d.data_dir or os.path.join(cache_dir, 'tfds'),
+                        image_size=int(d.image_size), reports_tsv=d.reports_tsv or None)
+
+
+def build_tokenizer(config, cohort, cache_dir, data_key):
+  """The pretrained checkpoint's tokenizer, or a WordPiece vocabulary trained on the cohort."""
+  if config.model.text.pretrained_path:
+    return load_tokenizer(config.model.text.pretrained_path)
+  out_dir = os.path.join(cache_dir, f'tokenizer-{data_key}-{config.data.tokenizer_vocab_size}')
+  with cache_lib.lock(out_dir):
+    if cache_lib.is_complete(out_dir):
+      return load_tokenizer(out_dir)
+    tok = train_wordpiece_tokenizer(sorted(set(cohort.reports)),
+                                    int(config.data.tokenizer_vocab_size), out_dir)
+    cache_lib.mark_complete(out_dir, {'vocab_size': len(tok)})
+  return tok
+
+
+def data_key(config, cohort):
+  """What the cohort's examples are (not how they are split into forget and retain)."""
+  data = {k: v for k, v in config.data.to_dict().items() if k not in _DATA_KEYS_OF_SPLIT}
+  return config_lib.fingerprint(data, int(config.seed), len(cohort),
+                                getattr(cohort, 'content_key', None))
+
+
+def prepare(config, config_name='run') -> Prepared:
+  """Resolve and validate the config, then build data, tokens and the model."""
+  config_lib.resolve(config)
+  workdir, cache_dir = default_dirs(config, config_name)
+  with config.unlocked():
+    config.workdir, config.cache_dir = workdir, cache_dir
+  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(cache_dir, exist_ok=True)
+  t0 = time.time()
+  cohort = build_cohort(config, cache_dir)
+  key = data_key(config, cohort)
+  split = make_forget_split(cohort, float(config.forget_fraction),
+                            seed=int(config.data.forget_seed),
+                            forget_csv=config.data.forget_csv or None)
+  tokenizer = build_tokenizer(config, cohort, cache_dir, key)
+  source = make_source(cohort, tokenizer, int(config.data.max_text_len))
+  model_cfg = config.model.to_dict()
+  if not config.model.text.pretrained_path:
+    model_cfg['text']['vocab_size'] = max(int(model_cfg['text']['vocab_size']), len(tokenizer))
+  model, pretrained_text, _ = build_model(model_cfg)
+  image_size, text_len = int(config.data.image_size), int(config.data.max_text_len)
+  made = {}
+
+  def fresh_variables(seed):
+    if seed not in made:
+      v = init_variables(model, jax.random.PRNGKey(int(seed)), image_size, text_len)
+      made[seed] = load_bert_params_into(v, pretrained_text) if pretrained_text else v
+    return made[seed]
+  log.info('data ready in %.1fs: %d images, forget %d, retain %d, test %d', time.time() - t0,
+           len(cohort), len(split.forget_idx), len(split.retain_idx), len(split.test_idx))
+  return Prepared(config, cohort, split, tokenizer, source, model, parallel.make_mesh(), key,
+                  workdir, cache_dir, fresh_variables)
+
+
+# ------------------------------------------------------------------------------ reference models
+def reference_key(prep: Prepared, kind: str, seed: int, indices) -> str:
+  config = prep.config
+  return config_lib.fingerprint(kind, prep.data_key, config.model.to_dict(),
+                                config.train.to_dict(), int(seed),
+                                np.sort(np.asarray(indices)).tolist())
+
+
+def train_or_load(prep: Prepared, kind: str, seeds=None, allow_training=True):
+  """The original ('original', all non-TEST) or retrained ('retrain', retain only) models for
+  `seeds` (default: the config's seed), loaded from the cache or trained as stacked copies.
+
+  Returns (variables per seed, seconds per seed: the training time that made each).
+  """
+  seeds = [int(prep.config.seed)] if seeds is None else [int(s) for s in seeds]
+  indices = prep.non_test_idx if kind == 'original' else prep.split.retain_idx
+  paths = {s: cache_lib.entry_dir(prep.cache_dir, kind, reference_key(prep, kind, s, indices))
+           for s in seeds}
+  missing = [s for s in seeds if not cache_lib.is_complete(paths[s])]
+  if missing and not allow_training:
+    raise FileNotFoundError(f'the cached {kind} model is missing: {paths[missing[0]]} (a moved '
+                            'or cleaned cache?); pass --cache_dir or rerun the training command')
+  if missing:
+    group = cache_lib.entry_dir(prep.cache_dir, f'{kind}-train',
+                                config_lib.fingerprint([paths[s] for s in missing]))
+    with cache_lib.lock(group):
+      missing = [s for s in missing if not cache_lib.is_complete(paths[s])]
+      if missing:
+        _train(prep, kind, indices, missing, paths, group)
+  variables, seconds = [], []
+  like = prep.init_variables(seeds[0])
+  for s in seeds:
+    variables.append(load_variables(os.path.join(paths[s], 'variables'), like))
+    seconds.append(float(cache_lib.read_meta(paths[s])['seconds']))
+    log.info('%s model (seed %d) from cache %s', kind, s, paths[s])
+  return variables, seconds
+
+
+def _train(prep, kind, indices, seeds, paths, group_dir):
+  copies = [loop.Copy(s, prep.config.train) for s in seeds]
+  method = TrainMethod(copies, apply_fn=prep.model.apply, source=prep.source, indices=indices,
+                       init_variables=prep.init_variables,
+                       data_seed_offset=0 if kind == 'original' else 1)
+  result = loop.run(method, None, os.path.join(group_dir, 'ckpt'), mesh=prep.mesh,
+                    desc=f'train {kind}' + (f' x{len(seeds)}' if len(seeds) > 1 else ''))
+  for s, state in zip(seeds, result.states):
+    save_variables(os.path.join(paths[s], 'variables'), state.variables)
+    cache_lib.mark_complete(paths[s], {'kind': kind, 'seed': s, 'seconds': result.seconds,
+                                       'stacked_copies': len(seeds),
+                                       'examples': len(indices)})
+
+
+# ------------------------------------------------------------------------------ methods
+def make_context(prep: Prepared, with_noisy_text=True) -> UnlearnContext:
+  noisy = noisy_forget_tokens(prep) if with_noisy_text else None
+  return UnlearnContext(prep.model, prep.source, prep.split, noisy,
+                        lambda key: init_variables(prep.model, key, int(prep.config.data.image_size),
+                                                   int(prep.config.data.max_text_len))['params'])
+
+
+def noisy_forget_tokens(prep: Prepared):
+  """Noisy report copies of the forget set, drawn once per run and tokenised once."""
+  noise = prep.config.forgetmi.noise
+  noiser = TextNoiser(noise.text_mode, float(noise.text_p), seed=int(prep.config.seed))
+  return noisy_token_table(prep.source, prep.cohort, prep.split.forget_idx, noiser,
+                           int(noise.num_draws), prep.tokenizer, int(prep.config.data.max_text_len))
+
+
+def copies_of(config, name, seeds=None, cfgs=None):
+  """The method's copies: one per seed (default the config's), each with its config group."""
+  seeds = [int(config.seed)] if seeds is None else list(seeds)
+  cfgs = [config_lib.method_config(config, name)] * len(seeds) if cfgs is None else list(cfgs)
+  return [loop.Copy(int(s), c) for s, c in zip(seeds, cfgs)]
+
+
+def run_fingerprint(prep: Prepared, name: str, copies) -> tuple[str, dict]:
+  """(key, what it hashes): everything that determines an unlearning run's result."""
+  config = prep.config
+  what = {'method': name, 'copies': [(c.seed, c.cfg.to_dict()) for c in copies],
+          'data': prep.data_key, 'model': config.model.to_dict(), 'train': config.train.to_dict(),
+          'text_noise_seed': int(config.seed),
+          'forget_idx': np.asarray(prep.split.forget_idx).tolist(),
+          'retain_idx': np.asarray(prep.split.retain_idx).tolist()}
+  return config_lib.fingerprint(what), what
+
+
+def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None, ctx=None,
+               **loop_kwargs) -> loop.Result:
+  """Unlearn with method `name` from `original` ({'params', 'batch_stats'}): its checkpoints go
+  under `<ckpt_root>/<name>/<fingerprint>` so only the same config ever resumes them."""
+  name = name or prep.config.method
+  copies = copies or copies_of(prep.config, name)
+  ctx = ctx or make_context(prep)
+  method = registry.get(name)(ctx, copies)
+  key, _ = run_fingerprint(prep, name, copies)
+  ckpt_dir = os.path.join(ckpt_root or os.path.join(prep.workdir, 'checkpoints'), name, key)
+  result = loop.run(method, original, ckpt_dir, mesh=prep.mesh, desc=f'unlearn {name}',
+                    **loop_kwargs)
+  steps = [sum(e['steps'] for e in h) for h in result.histories]
+  if method.epochs > 0 and min(steps, default=0) == 0:
+    raise RuntimeError(f'{name}: no step was taken in {method.epochs} epochs (an empty forget '
+                       f'or retain stream?); see {ckpt_dir}')
+  result.fingerprint = key
+  return result

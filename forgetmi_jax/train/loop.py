@@ -1,0 +1,355 @@
+"""THE loop: N stacked copies of a model, trained or unlearned together.
+
+Every model this project makes runs through `run`: the original and retrained models
+(train/trainer.py), every unlearning method (unlearning/) and ablation grids. A method supplies
+its pure step and its per-epoch hooks (the `Method` interface below); the loop supplies the
+rest, written once: stacking, vmap over the copies, data-parallel sharding, per-epoch orbax
+checkpoints with exact resume, memory-aware chunking, progress and event logging.
+
+Copies: each has its own seed (data order, dropout, noise) and its own config (lr, loss
+weights, ...), stacked on a leading axis. Copies that share a seed share their batches
+(`in_axes=None`, one data pass for all); otherwise each copy gets its own batch (stacked).
+N = 1 runs the step on the unstacked copy inside the same jitted program (no vmap): a plain
+run is exactly the single-model computation.
+"""
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from forgetmi_jax.train import parallel
+from forgetmi_jax.train.checkpoints import Checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+  """One model copy: its seed and its method config (a `config.<method>` group)."""
+  seed: int
+  cfg: Any
+  name: str = ''
+
+
+class Method:
+  """The interface the loop runs; training and every unlearning method implement it."""
+  name = 'method'
+
+  def __init__(self, copies: Sequence[Copy]):
+    if not copies:
+      raise ValueError(f'{self.name}: no copies to run')
+    self.copies = list(copies)
+
+  # -- shape of the run -------------------------------------------------------------------
+  @property
+  def epochs(self) -> int:
+    return int(self.copies[0].cfg.epochs)
+
+  @property
+  def seeds(self):
+    return [int(c.seed) for c in self.copies]
+
+  @property
+  def shared_batch(self) -> bool:
+    """All copies share one seed, hence one data order: one batch serves them all."""
+    return len(set(self.seeds)) == 1
+
+  def with_copies(self, copies):
+    """The same method over other copies (a chunk): shares whatever was computed once."""
+    clone = self.__class__.__new__(self.__class__)
+    clone.__dict__.update(self.__dict__)
+    clone.copies = list(copies)
+    return clone
+
+  # -- what a method supplies -------------------------------------------------------------
+  def init_state(self, original, copy: Copy):
+    """One copy's initial TrainState (all copies must share one `tx` object)."""
+    raise NotImplementedError
+
+  def hparams(self, copy: Copy) -> dict:
+    """One copy's traced hyperparameters (arrays): stacked over copies by the loop."""
+    return {}
+
+  def seed_batches(self, epoch: int, seed: int):
+    """The host batches of one epoch for copies with this seed."""
+    raise NotImplementedError
+
+  def step_rng(self, seed: int, epoch: int, index: int):
+    raise NotImplementedError
+
+  def step(self, state, original, batch, rng, hparams):
+    """Pure: one copy's (state, metrics) after one batch. `original` is the frozen original's
+    `{'params', 'batch_stats'}`, an argument (never closed over)."""
+    raise NotImplementedError
+
+  # -- hooks (defaults do nothing) --------------------------------------------------------
+  def prepare(self, original):
+    """Once before the first epoch (e.g. cache the frozen original's outputs)."""
+
+  def start_epoch(self, epoch: int, hparams: dict) -> dict:
+    return hparams
+
+  def prepare_batch(self, batch: dict, epoch: int, seed: int) -> dict:
+    """Host-side additions to one seed's batch (e.g. cached targets)."""
+    return batch
+
+  def end_epoch(self, epoch: int, states, hparams: dict, last: dict):
+    """After an epoch, on the stacked states; `last` = the epoch's last metrics [N] each."""
+    return states, hparams
+
+
+# ------------------------------------------------------------------------------ stacking
+def stack(trees):
+  return jax.tree_util.tree_map(lambda *x: jnp.stack(x), *trees)
+
+
+def unstack(tree, n: int):
+  return [jax.tree_util.tree_map(lambda x: x[i], tree) for i in range(n)]
+
+
+def _squeeze(tree):
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def _expand(tree):
+  return jax.tree_util.tree_map(lambda x: x[None], tree)
+
+
+def stacked_step(step: Callable, n: int, shared: bool, vmap: bool | None = None):
+  """The jitted step over n stacked copies: (states, original, batch, rngs, hparams).
+
+  n = 1 (unless `vmap=True`): the unstacked step inside the program, so the computation is the
+  single model's; otherwise jax.vmap over the copies, the batch shared or per copy.
+  """
+  if vmap is None:
+    vmap = n > 1
+
+  if vmap:
+    fn = jax.vmap(step, in_axes=(0, None, None if shared else 0, 0, 0))
+  else:
+    def fn(states, original, batch, rngs, hparams):
+      one = step(_squeeze(states), original, batch if shared else _squeeze(batch),
+                 rngs[0], _squeeze(hparams))
+      return _expand(one[0]), _expand(one[1])
+  # Donating the stacked states lets XLA update them in place (not implemented on CPU).
+  donate = (0,) if jax.default_backend() != 'cpu' else ()
+  return jax.jit(fn, donate_argnums=donate)
+
+
+def shard_step_batch(batch, mesh, shared: bool):
+  """Shard a step batch over the mesh's data axis: the example axis is the first after the
+  copy axis (stacked batches) and the noise-draw axis ('forget_noisy': [K, B, L])."""
+  if shared:
+    return parallel.shard_batch(batch, mesh)
+  return parallel.shard_batch(batch, mesh, leading_axes=1)
+
+
+# ------------------------------------------------------------------------------ memory
+def program_bytes(compiled):
+  """Device bytes of a compiled program: arguments + outputs + temporaries - aliases."""
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return None
+  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+             - ma.alias_size_in_bytes)
+
+
+def _abstract(tree, copies=None):
+  def f(x):
+    x = jnp.asarray(x) if not hasattr(x, 'shape') else x
+    shape = tuple(x.shape) if copies is None else (copies,) + tuple(x.shape)
+    return jax.ShapeDtypeStruct(shape, x.dtype)
+  return jax.tree_util.tree_map(f, tree)
+
+
+def estimate_memory(method: Method, original, batch, state, hparams):
+  """{'per_copy_bytes', 'fixed_bytes'} from compiling the vmapped step for 1 and 2 copies
+  (abstract inputs, nothing runs) and reading XLA's memory_analysis(). Linear in the copies
+  (checked on the tiny model: 1, 2 and 4 copies give 15.8, 31.2 and 61.9 MB on CPU)."""
+  # On CPU, LLVM codegen is most of the compile time and does not change XLA's buffer
+  # assignment, so the measurement compiles without it (same numbers, about half the time).
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+  measured = {}
+  for c in (1, 2):
+    fn = stacked_step(method.step, c, method.shared_batch, vmap=True)
+    b = batch if method.shared_batch else _abstract(batch, c)
+    args = (_abstract(state, c), _abstract(original), _abstract(b),
+            _abstract(jax.random.PRNGKey(0), c), _abstract(hparams, c))
+    measured[c] = program_bytes(fn.lower(*args).compile(compiler_options=options))
+  if measured[1] is None or measured[2] is None:
+    return None
+  per_copy = max(measured[2] - measured[1], 1)
+  return {'per_copy_bytes': int(per_copy), 'fixed_bytes': int(max(measured[1] - per_copy, 0)),
+          'measured_bytes': {str(k): v for k, v in measured.items()}}
+
+
+def plan_chunks(n, per_copy_bytes=None, fixed_bytes=0, budget_bytes=None, chunk_size=0):
+  """Split n copies into equal-size chunks (sizes differ by at most 1; the loop pads the
+  smaller ones so every chunk reuses one compiled program).
+
+  chunk_size > 0 forces the size; otherwise as many copies as fit in `budget_bytes` given the
+  measured per-copy and fixed bytes (at least 1, even when one copy exceeds the budget).
+  """
+  if n <= 0:
+    return []
+  if chunk_size and int(chunk_size) > 0:
+    cap = int(chunk_size)
+  elif per_copy_bytes and budget_bytes:
+    cap = int((float(budget_bytes) - float(fixed_bytes)) // float(per_copy_bytes))
+  else:
+    cap = n
+  cap = max(1, min(cap, n))
+  chunks = math.ceil(n / cap)
+  return [n // chunks + (1 if i < n % chunks else 0) for i in range(chunks)]
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclasses.dataclass
+class Result:
+  """What a run returns: host states per copy, seconds, per-copy per-epoch histories."""
+  states: list
+  seconds: float
+  histories: list
+  memory: dict | None = None
+  fingerprint: str = ''
+
+
+def _epoch_batches(method: Method, epoch: int):
+  """One epoch's step batches for all copies: shared, or stacked per copy."""
+  seeds = list(dict.fromkeys(method.seeds))
+  streams = {s: (method.prepare_batch(b, epoch, s) for b in method.seed_batches(epoch, s))
+             for s in seeds}
+  if len(seeds) == 1:
+    yield from streams[seeds[0]]
+    return
+  for per_seed in zip(*(streams[s] for s in seeds)):
+    by_seed = dict(zip(seeds, per_seed))
+    yield jax.tree_util.tree_map(lambda *x: np.stack(x),
+                                 *[by_seed[s] for s in method.seeds])
+
+
+def _flat(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _jsonable(hparams):
+  """The numeric hyperparameters as {'a/b': nested lists} (a checkpoint's JSON part)."""
+  out = {}
+  for k, v in _flat(hparams).items():
+    a = np.asarray(jax.device_get(v))
+    if a.dtype.kind in 'fiub':
+      out[k] = a.tolist()
+  return out
+
+
+def _restore_hparams(hparams, saved):
+  """Hook-changed hyperparameters (e.g. the retention cap) as the checkpoint holds them."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(hparams)
+  restored = []
+  for path, leaf in leaves:
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    restored.append(jnp.asarray(np.asarray(saved[name]), dtype=jnp.asarray(leaf).dtype)
+                    if name in saved else leaf)
+  return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None,
+        chunk_size: int = 0, memory_budget_bytes: float | None = None,
+        log_fn: Callable | None = None) -> Result:
+  """Run `method`'s copies from `original` ({'params', 'batch_stats'}) for its epochs.
+
+  Per-epoch checkpoints under `ckpt_dir` (one folder per chunk); a killed run resumes from the
+  last one and ends with the parameters of an uninterrupted run. Copies that do not fit
+  `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size` run in equal
+  chunks. `log_fn(step, scalars)` receives every step's metrics (e.g. a TensorBoard writer).
+  """
+  mesh = mesh or parallel.make_mesh()
+  n = len(method.copies)
+  t0 = time.time()
+  original = parallel.replicate(original, mesh)
+  memory = None
+  if n > 1 and not chunk_size and memory_budget_bytes:
+    memory = _measure(method, original)
+  sizes = plan_chunks(n, (memory or {}).get('per_copy_bytes'), (memory or {}).get('fixed_bytes', 0),
+                      memory_budget_bytes, chunk_size)
+  states, histories, start = [], [], 0
+  for c, size in enumerate(sizes):
+    chunk = method.copies[start:start + size]
+    pad = max(sizes) - size
+    sub = method if len(sizes) == 1 else method.with_copies(chunk + [chunk[-1]] * pad)
+    # The folder names the layout: a rerun chunked otherwise never restores these copies.
+    sub_dir = ckpt_dir if len(sizes) == 1 else os.path.join(ckpt_dir,
+                                                            f'chunk{c}-of-{len(sizes)}')
+    label = desc if len(sizes) == 1 else f'{desc} [{c + 1}/{len(sizes)}]'
+    s, h = _run_chunk(sub, original, sub_dir, label, mesh, log_fn)
+    states += s[:size]
+    histories += h[:size]
+    start += size
+  return Result(states, time.time() - t0, histories, memory)
+
+
+def _measure(method, original):
+  method.prepare(original)
+  batch = next(iter(_epoch_batches(method, 0)))
+  copy = method.copies[0]
+  return estimate_memory(method, original, batch, method.init_state(original, copy),
+                         method.hparams(copy))
+
+
+def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, log_fn):
+  n = len(method.copies)
+  states = stack([method.init_state(original, c) for c in method.copies])
+  hparams = stack([method.hparams(c) for c in method.copies])
+  ckpt = Checkpoints(ckpt_dir)
+  start, histories = 0, [[] for _ in range(n)]
+  if ckpt.latest_epoch() is not None:
+    states, extra = ckpt.restore(states)
+    start = ckpt.latest_epoch() + 1
+    histories = extra.get('histories', histories)
+    hparams = _restore_hparams(hparams, extra.get('hparams', {}))
+  states = parallel.replicate(states, mesh)
+  shared = method.shared_batch
+  step = stacked_step(method.step, n, shared)
+  if start < method.epochs:
+    method.prepare(original)
+  global_step = 0
+  with tqdm(total=method.epochs, initial=start, desc=desc, unit='epoch',
+            dynamic_ncols=True) as bar:
+    for epoch in range(start, method.epochs):
+      hparams = method.start_epoch(epoch, hparams)
+      metrics, steps, seen, t_epoch = None, 0, 0, time.time()
+      for i, batch in enumerate(_epoch_batches(method, epoch)):
+        rngs = jnp.stack([method.step_rng(s, epoch, i) for s in method.seeds])
+        states, metrics = step(states, original, shard_step_batch(batch, mesh, shared), rngs,
+                               hparams)
+        steps += 1
+        seen += _real_rows(batch)
+        if log_fn is not None:
+          log_fn(global_step, metrics)
+        global_step += 1
+      last = ({k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+              if metrics is not None else {})
+      states, hparams = method.end_epoch(epoch, states, hparams, last)
+      rate = seen / max(time.time() - t_epoch, 1e-9)
+      for j in range(n):
+        histories[j].append({'epoch': epoch, 'steps': steps, 'examples_per_s': rate,
+                             **{k: float(v[j]) for k, v in last.items()}})
+      ckpt.save(epoch, states, extra={'histories': histories, 'hparams': _jsonable(hparams)})
+      bar.set_postfix({k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:5]}
+                      | {'ex/s': f'{rate:.0f}'})
+      bar.update(1)
+  ckpt.close()
+  return unstack(jax.device_get(states), n), histories
+
+
+def _real_rows(batch):
+  """Real (unpadded) examples in a step batch, over its sets."""
+  masks = [v['mask'] for v in batch.values() if isinstance(v, dict) and 'mask' in v]
+  if 'mask' in batch:
+    masks.append(batch['mask'])
+  return int(sum(np.sum(np.asarray(m)) for m in masks))
