@@ -29,9 +29,13 @@ def build(arg):
   c.data.image_size = 64
   c.data.max_text_len = 80  # synthetic reports: median 62, 90th percentile 75 tokens
   c.data.tokenizer_vocab_size = 2000  # WordPiece trained on the cohort's reports (random-init BERT)
+  # Privacy: a whole word enters that vocabulary only if this many patients use it.
+  c.data.tokenizer_min_patients = 5
   c.data.split_csv = ''  # synthetic: mirror this split file; mimic_cxr: the edema split file
   c.data.mimic_root = ''  # folder holding files/pXX/... (DICOM, JPG or PNG and sXXXX.txt reports)
   c.data.reports_tsv = ''  # optional reference TSV of normalised reports
+  c.data.image_fit = 'crop_pad'  # MIMIC images: 'crop_pad' (the paper's 2048 crop) | 'resize'
+  c.data.content_hash = False  # key the MIMIC build by file contents too (not only size/mtime)
   c.data.data_dir = ''  # where the preprocessed array_record dataset is built (default <cache>/tfds)
   c.data.forget_csv = ''  # a user's own forget list (CSV with subject_id); overrides forget_fraction
   c.data.forget_seed = 0

@@ -24,6 +24,7 @@ PCTS = (3, 6, 10)
 
 _CHOICES = {
     'data.source': ('synthetic', 'mimic_cxr'),
+    'data.image_fit': ('crop_pad', 'resize'),
     'model.fusion.variant': ('per_sample', 'reference'),
     'forgetmi.noise.text_mode': ('char', 'word', 'reference', 'none'),
     'eval.head': ('image', 'joint'),

@@ -6,6 +6,8 @@
   python -m tests.parallel_worker process P N PORT   # process P of N (jax.distributed on
                                                      # 127.0.0.1:PORT), 2 devices each
 
+PARALLEL_DIAG=1 prints the leaves with the largest 1-vs-2-device differences to stderr.
+
 The project code the `steps` mode runs (kept to the loop's public surface): runs.setup.prepare /
 make_context, trainer.TrainMethod, unlearning.forgetmi.ForgetMIMethod, loop.Copy and loop.run.
 """

@@ -7,13 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+from configs import base, unlearn
+from forgetmi_jax import config as config_lib
+from forgetmi_jax import rng as rng_lib
 from forgetmi_jax.models.multimodal import ModelOutputs, build_model, init_variables
-from forgetmi_jax.train import parallel
+from forgetmi_jax.train import optim
+from forgetmi_jax.train.loop import Copy
+from forgetmi_jax.train.optim import path_names
 from forgetmi_jax.unlearning import registry
-from forgetmi_jax.unlearning.baselines_common import (encoder_blocks, last_k_mask, make_sgd,
-                                                      path_names)
-from forgetmi_jax.unlearning.common import Method, UnlearnContext
+from forgetmi_jax.unlearning.blocks import encoder_blocks, last_k_mask
+from forgetmi_jax.unlearning.method import UnlearningMethod, UnlearnContext
 from forgetmi_jax.unlearning.multidelete import mismatch_permutation, multidelete_loss
 from forgetmi_jax.unlearning.neggrad_plus import neggrad_plus_loss
 from forgetmi_jax.unlearning.scrub import (ScrubMethod, distill_kl, epoch_phases,
@@ -142,12 +145,11 @@ def test_multidelete_loss_matches_numpy():
   forget, retain = toy_examples(rng), toy_examples(rng, (1, 0, 1, 1))
   batch = {'forget': forget, 'retain': retain}
   key = jax.random.PRNGKey(5)
-  w = jnp.asarray([1.0, 2.0, 0.5])
+  w = {'md': jnp.float32(1.0), 'mkr': jnp.float32(2.0), 'ukr': jnp.float32(0.5)}
   loss, (_, m) = multidelete_loss(student, {}, {'params': teacher, 'batch_stats': {}}, batch,
                                   key, {'weights': w}, toy_apply)
-  from forgetmi_jax.unlearning.multidelete import PERMUTE
   perm = np.asarray(mismatch_permutation(jnp.asarray(forget['mask']),
-                                         jax.random.fold_in(key, PERMUTE)))
+                                         jax.random.fold_in(key, rng_lib.MULTIDELETE_PERMUTE)))
   mis = dict(forget, input_ids=forget['input_ids'][perm],
              attention_mask=forget['attention_mask'][perm])
   uf, tm = toy_np_outputs(student, forget), toy_np_outputs(teacher, mis)
@@ -183,14 +185,13 @@ def test_scrub_phases_switch_at_msteps():
 def test_scrub_epoch_passes_forget_then_retain(monkeypatch):
   paired = [{'forget': {'id': np.array([i])}, 'retain': {'id': np.array([10 + i])},
              'forget_noisy': {}} for i in range(3)]
-  monkeypatch.setattr(Method, 'epoch_batches', lambda self, epoch: iter(paired))
+  monkeypatch.setattr(UnlearningMethod, 'seed_batches', lambda self, epoch, seed: iter(paired))
   cfg = base.get_config().scrub
-  method = ScrubMethod.__new__(ScrubMethod)
-  Method.__init__(method, None, cfg)
+  method = ScrubMethod(None, [Copy(0, cfg)])
 
   def plan(epoch):
     return [(next(iter(b)), int(next(iter(b.values()))['id'][0]))
-            for b in method.epoch_batches(epoch)]
+            for b in method.seed_batches(epoch, 0)]
   max_epoch = plan(int(cfg.msteps) - 1)
   assert max_epoch == [('forget', 0), ('forget', 1), ('forget', 2),
                        ('retain', 10), ('retain', 11), ('retain', 12)]
@@ -204,14 +205,14 @@ def smoke():
   model, _, _ = build_model(config.model)
   size, length = int(config.data.image_size), int(config.data.max_text_len)
   variables = init_variables(model, jax.random.PRNGKey(0), size, length)
-  ctx = UnlearnContext(config, model, None, None, None, parallel.make_mesh(),
+  ctx = UnlearnContext(model, None, None,
                        init_params=lambda key: init_variables(model, key, size, length)['params'])
   rng = np.random.default_rng(0)
   # Look "trained": no zero biases, no init-valued BatchNorm statistics.
   jitter = lambda t, s: jax.tree_util.tree_map(  # noqa: E731
       lambda x: x + np.abs(rng.normal(scale=s, size=x.shape)).astype(x.dtype), t)
-  original = types.SimpleNamespace(params=jitter(variables['params'], 0.01),
-                                   batch_stats=jitter(variables['batch_stats'], 0.1))
+  original = {'params': jitter(variables['params'], 0.01),
+              'batch_stats': jitter(variables['batch_stats'], 0.1)}
 
   def examples(n):
     return {'image': rng.uniform(size=(n, size, size, 1)).astype(np.float32),
@@ -225,11 +226,11 @@ def smoke():
 
 
 def one_step(smoke, name, batch):
-  method = registry.get(name)(smoke.ctx, smoke.config[name])
-  state = method.init_state(smoke.original)
+  method = registry.get(name)(smoke.ctx, [Copy(0, smoke.config[name])])
+  state = method.init_state(smoke.original, method.copies[0])
   start = jax.tree_util.tree_map(np.asarray, (state.params, state.batch_stats))
-  new, metrics = method.step(state, smoke.original, batch, jax.random.PRNGKey(1),
-                             method.hparams())
+  new, metrics = jax.jit(method.step)(state, smoke.original, batch, jax.random.PRNGKey(1),
+                                      method.hparams(method.copies[0]))
   assert np.isfinite(float(metrics['loss']))
   return method, start, jax.tree_util.tree_map(np.asarray, (new.params, new.batch_stats))
 
@@ -246,14 +247,18 @@ def moved_modules(ch):
 
 
 def test_registry_and_presets():
-  for name in BASELINES:
-    assert issubclass(registry.get(name), Method)
+  assert registry.names()[0] == 'forgetmi' and set(BASELINES) < set(registry.names())
+  for name in registry.names():
+    assert issubclass(registry.get(name), UnlearningMethod)
     for pct in (3, 6, 10):
-      import importlib
-      c = importlib.import_module(f'configs.{name}_{pct}pct').get_config()
+      c = unlearn.get_config(f'method={name},pct={pct}')
       assert c.method == name and abs(c.forget_fraction - pct / 100) < 1e-9
-      from forgetmi_jax import config_utils
-      config_utils.resolve(c)  # valid as a whole
+      assert c.forgetmi.setting == config_lib.BEST_SETTING[pct]
+      config_lib.resolve(c)  # valid as a whole
+  with pytest.raises(ValueError, match='pct=4'):
+    unlearn.get_config('method=scrub,pct=4')
+  with pytest.raises(ValueError, match="unknown config argument 'mehtod'"):
+    unlearn.get_config('mehtod=scrub')
 
 
 def test_block_discovery_is_numeric_and_last_k_mask_picks_names():
@@ -275,8 +280,7 @@ def test_block_discovery_is_numeric_and_last_k_mask_picks_names():
 
 def test_sgd_zero_update_for_frozen_leaves():
   params = {'a': {'kernel': jnp.ones(3)}, 'b': {'kernel': jnp.ones(3)}}
-  tx = make_sgd(params, 0.1, 0.9, 0.01, frozen_mask={'a': {'kernel': True},
-                                                    'b': {'kernel': False}})
+  tx = optim.sgd(0.1, 0.9, 0.01, frozen_mask={'a': {'kernel': True}, 'b': {'kernel': False}})
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates['a']['kernel'], 0)
@@ -331,12 +335,12 @@ def test_last_k_methods_move_only_the_last_blocks(smoke, name):
 
 def test_eu_k_reinitialises_exactly_the_last_blocks(smoke):
   cfg = smoke.config.eu_k
-  method = registry.get('eu_k')(smoke.ctx, cfg)
-  state = method.init_state(smoke.original)
-  ch = changed(smoke.original.params, state.params)
+  method = registry.get('eu_k')(smoke.ctx, [Copy(0, cfg)])
+  state = method.init_state(smoke.original, method.copies[0])
+  ch = changed(smoke.original['params'], state.params)
   for k, c in ch.items():
     assert c == expected_trainable(k, int(cfg.k_image), int(cfg.k_text)), k
-  sch = changed(smoke.original.batch_stats, state.batch_stats)
+  sch = changed(smoke.original['batch_stats'], state.batch_stats)
   stats = jax.tree_util.tree_flatten_with_path(state.batch_stats)[0]
   for path, v in stats:
     key = '/'.join(path_names(path))
@@ -345,5 +349,6 @@ def test_eu_k_reinitialises_exactly_the_last_blocks(smoke):
     else:
       assert not sch[key]
   # CF-k starts from the original unchanged.
-  cf = registry.get('cf_k')(smoke.ctx, smoke.config.cf_k).init_state(smoke.original)
-  assert not any(changed(smoke.original.params, cf.params).values())
+  cf_method = registry.get('cf_k')(smoke.ctx, [Copy(0, smoke.config.cf_k)])
+  cf = cf_method.init_state(smoke.original, cf_method.copies[0])
+  assert not any(changed(smoke.original['params'], cf.params).values())

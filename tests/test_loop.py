@@ -23,16 +23,19 @@ def prep(tmp_path_factory):
   return run_setup.prepare(config)
 
 
-def _assert_same(stacked, sequential, moved_from=None):
-  """Params within float tolerance, and (when given) far from where they started."""
+def _l2(a, b):
+  return float(np.sqrt(sum(np.sum((np.asarray(x, np.float64) - np.asarray(y)) ** 2)
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
+
+
+def _assert_same(stacked, sequential, start):
+  """Stacked copies end where the sequential runs do, to float rounding: the L2 distance
+  between them is a thousandth of how far the runs moved. (A max-abs bound cannot work under
+  Adam: it turns rounding noise in near-zero gradients into full lr-sized steps.)"""
   for a, b in zip(stacked, sequential):
-    diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
-               zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
-    assert diff < 1e-4, diff
-    if moved_from is not None:
-      moved = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
-                  zip(jax.tree.leaves(b.params), jax.tree.leaves(moved_from['params'])))
-      assert moved > 100 * max(diff, 1e-7), (moved, diff)
+    moved = _l2(b.params, start['params'])
+    assert moved > 1e-2, moved
+    assert _l2(a.params, b.params) <= 1e-3 * moved, (_l2(a.params, b.params), moved)
 
 
 def test_stacked_training_equals_sequential(prep, tmp_path):
@@ -43,7 +46,8 @@ def test_stacked_training_equals_sequential(prep, tmp_path):
   stacked = loop.run(method([0, 1]), None, str(tmp_path / 'stacked'))
   assert not method([0, 1]).shared_batch  # per-copy data order
   sequential = [loop.run(method([s]), None, str(tmp_path / f'seq{s}')).states[0] for s in (0, 1)]
-  _assert_same(stacked.states, sequential, prep.init_variables(1))
+  _assert_same(stacked.states[1:], sequential[1:], prep.init_variables(1))
+  _assert_same(stacked.states[:1], sequential[:1], prep.init_variables(0))
   # different seeds really give different models
   assert not np.allclose(jax.tree.leaves(stacked.states[0].params)[0],
                          jax.tree.leaves(stacked.states[1].params)[0])

@@ -38,6 +38,7 @@ def test_colab_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   assert ab['best']['setting_id'] in {r['setting_id'] for r in ab['rows']}
   # The ablation reused the models the first run cached (one cache, no second training).
   assert sorted(p.name.split('-')[0] for p in (tmp_path / 'cache').iterdir()
-                if p.name.startswith(('original-', 'retrain-'))) == ['original', 'retrain']
+                if (p / 'COMPLETE').exists() and p.name.startswith(('original-', 'retrain-'))
+                ) == ['original', 'retrain']
   markdown = [o['data']['text/markdown'] for o in outputs if 'text/markdown' in o.get('data', {})]
   assert any('# Forget-MI ablation' in m for m in markdown)

@@ -17,8 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(devices=2):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  # LLVM optimisation level 0 halves XLA:CPU compile time (most of these tests' time); both
+  # sides of every comparison are compiled the same way.
+  flags = f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
 
 
 def _worker(*args, timeout=600):
@@ -117,13 +119,18 @@ def test_two_devices_match_one():
   # The steps are big enough to matter: params and BatchNorm statistics moved, and the two
   # stacked training copies (seeds 0 and 1, per-copy batches) are different models.
   assert r['train_moved'] > 1e-3 and r['unlearn_moved'] > 1e-3, r
+  assert r['train_moved_l2'] > 0.5 and r['unlearn_moved_l2'] > 0.5, r
   assert r['train_stats_moved'] > 1e-2 and r['unlearn_stats_moved'] > 1e-2, r
   assert r['copies_differ'] > 1e-2, r
   # Same global batch: gradients are all-reduced and BatchNorm sees the whole batch, so the
-  # 2-device models equal the 1-device ones up to float32 reduction order, far below how far
-  # the steps moved them.
-  assert r['train_params'] <= 1e-3 * r['train_moved'], r
-  assert r['unlearn_params'] <= 1e-3 * r['unlearn_moved'], r
+  # 2-device models equal the 1-device ones up to float32 summation order, far below how far
+  # the steps moved them (measured: L2 ratio 7e-6 training, 4e-5 unlearning).
+  assert r['train_params_l2'] <= 1e-3 * r['train_moved_l2'], r
+  assert r['unlearn_params_l2'] <= 1e-3 * r['unlearn_moved_l2'], r
+  # Entry by entry the bound is looser: Adam divides by sqrt(v), which magnifies the
+  # summation-order noise of entries whose gradient is near 0 (measured 2e-3 and 8e-3).
+  assert r['train_params'] <= 3e-2 * r['train_moved'], r
+  assert r['unlearn_params'] <= 3e-2 * r['unlearn_moved'], r
   assert r['train_stats'] <= 1e-3 * r['train_stats_moved'], r
   assert r['unlearn_stats'] <= 1e-3 * r['unlearn_stats_moved'], r
   assert abs(r['loss_1'] - r['loss_2']) < 1e-5 * max(1.0, abs(r['loss_1'])), r

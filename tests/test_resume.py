@@ -1,5 +1,6 @@
-"""kill -9 during original training and again during unlearning; the resumed run ends with
-the same final params as an uninterrupted one."""
+"""kill -9 during original training and again during (stacked, 2-copy) unlearning; the resumed
+run really resumes (it starts after the saved epoch, not from scratch) and ends with the same
+final params as an uninterrupted one."""
 import glob
 import os
 import signal
@@ -43,14 +44,19 @@ def test_kill_and_resume_gives_same_params(tmp_path):
                         capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   out = tmp_path / 'resumed.npz'
-  _run_until(resumed, out, 'cache/original-*/ckpt/0')  # killed mid original training
+  _run_until(resumed, out, 'cache/original-train-*/ckpt/0')  # killed mid original training
   assert not glob.glob(str(resumed / 'cache' / 'original-*' / 'COMPLETE'))
-  _run_until(resumed, out, 'checkpoints/forgetmi/0')  # killed mid unlearning
+  _run_until(resumed, out, 'checkpoints/forgetmi/*/0')  # killed mid unlearning
   assert not out.exists()
   done = subprocess.run(_cmd(resumed, out), cwd=ROOT, env=_env(), capture_output=True,
                         text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert 'unlearn forgetmi: resuming after epoch' in done.stderr  # a resume, not a restart
   a, b = np.load(tmp_path / 'full.npz'), np.load(out)
+  assert a['resumed_from'].tolist() == [0] and b['resumed_from'][0] >= 1
   assert sorted(a.files) == sorted(b.files)
+  moved = max(np.max(np.abs(a[k] - a[k.replace('unlearned0', 'original')])) for k in a.files
+              if k.startswith('unlearned0[') and k.replace('unlearned0', 'original') in a.files)
+  assert moved > 1e-4  # unlearning moved the params far more than the tolerance below
   for k in a.files:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=k)

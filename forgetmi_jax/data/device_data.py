@@ -2,8 +2,9 @@
 
 Why: the host pipeline reads, converts and ships every batch's float32 pixels each step; with
 the data resident on the device the host ships only indices. Images are stored quantised
-(uint8: 1 byte a pixel, uint16: 2) and normalised on the device (divided by 255 or 65535, to
-float32 in [0, 1]); tokens, labels and ids are stored as they are.
+(uint8: 1 byte a pixel, uint16: 2) and normalised on the device (k -> k / 255 or k / 65535,
+float32 in [0, 1], through a table of the host's values); tokens, labels and ids are stored as
+they are.
 
 Quantisation is lossless where the source already is: MIMIC-CXR images built by
 `data/mimic_cxr.py` are stored as uint16 (k / 65535), so `dtype='uint16'` gives the host
@@ -102,12 +103,15 @@ def dequantise(q: np.ndarray, dtype: str) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=('text_len',))
-def _gather(images, input_ids, attention_mask, labels, scale, idx, mask, text_len):
-  # `scale` is an argument, not a constant, so XLA keeps a true division (x / 255 is not
-  # rewritten as x * (1/255), which would round differently from the host's numpy).
-  return {'image': images[idx].astype(jnp.float32) / scale,
-          'input_ids': input_ids[idx, :text_len], 'attention_mask': attention_mask[idx, :text_len],
-          'label': labels[idx], 'id': idx.astype(jnp.int32), 'mask': mask}
+def _gather(images, input_ids, attention_mask, labels, table, idx, mask, text_len):
+  # Normalising through a table of the host's own float32 values (value k -> k / max, 256 or
+  # 65536 entries) keeps the batch bit-identical to the host pipeline: XLA's float division
+  # may differ from numpy's by an ulp (it does on CPU). float32 storage has no table.
+  x = images[idx]
+  x = x if table is None else table[x.astype(jnp.int32)]
+  return {'image': x, 'input_ids': input_ids[idx, :text_len],
+          'attention_mask': attention_mask[idx, :text_len], 'label': labels[idx],
+          'id': idx.astype(jnp.int32), 'mask': mask}
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -128,7 +132,8 @@ class DeviceSource:
     self.lengths = np.asarray(lengths, np.int64)  # host copy: picks text buckets per step
     self.quantisation_error = float(quantisation_error)
     self.device = device
-    self._scale = jax.device_put(jnp.float32(IMAGE_DTYPES[dtype]), device)
+    self._table = None if dtype == 'float32' else jax.device_put(
+        dequantise(np.arange(IMAGE_DTYPES[dtype] + 1), dtype), device)
 
   @classmethod
   def from_source(cls, source, dtype: str = 'uint8', device=None,
@@ -190,7 +195,7 @@ class DeviceSource:
     text_len = self.max_len if text_len is None else int(text_len)
     if not 1 <= text_len <= self.max_len:
       raise ValueError(f'text_len must be in [1, {self.max_len}], got {text_len}')
-    return _gather(self.images, self.input_ids, self.attention_mask, self.labels, self._scale,
+    return _gather(self.images, self.input_ids, self.attention_mask, self.labels, self._table,
                    jax.device_put(idx, self.device), jax.device_put(mask, self.device),
                    text_len=text_len)
 

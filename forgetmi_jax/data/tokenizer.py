@@ -29,15 +29,21 @@ NOISE_TOKEN = '[NOISE]'
 NOISE_ALIAS = 'forgetminoisealias'  # the word [NOISE] becomes in a pretrained tokenizer
 
 
-def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir):
-  """Train on `texts`, save to `out_dir` (atomically), return the transformers tokenizer."""
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir, groups=None,
+                              min_groups: int = 1):
+  """Train on `texts`, save to `out_dir` (atomically), return the transformers tokenizer.
+
+  Privacy: with `groups` (the patients of each text), a word becomes a vocabulary entry only
+  when at least `min_groups` patients use it, so a word only one patient's reports contain
+  never appears in the saved vocabulary (it is spelled from characters instead).
+  """
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
   import transformers
 
   normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                           strip_accents=None, lowercase=True)
   pre = pre_tokenizers.BertPreTokenizer()
-  vocab = _deterministic_vocab(texts, int(vocab_size), normalizer, pre)
+  vocab = _deterministic_vocab(texts, int(vocab_size), normalizer, pre, groups, int(min_groups))
   tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token='[UNK]', max_input_chars_per_word=100))
   tok.normalizer = normalizer
   tok.pre_tokenizer = pre
@@ -67,7 +73,8 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir):
   return load_tokenizer(out_dir)
 
 
-def _deterministic_vocab(texts, vocab_size, normalizer, pre_tokenizer):
+def _deterministic_vocab(texts, vocab_size, normalizer, pre_tokenizer, groups=None,
+                         min_groups=1):
   """Specials, every character (and its ## continuation), then whole words by frequency.
 
   Why not tokenizers' WordPieceTrainer: it breaks frequency ties through a randomly seeded
@@ -76,13 +83,19 @@ def _deterministic_vocab(texts, vocab_size, normalizer, pre_tokenizer):
   """
   import collections
   counts = collections.Counter()
-  for text in texts:
-    words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
-    counts.update(w for w, _ in words)
+  users = collections.defaultdict(set)
+  texts = list(texts)
+  groups = [{i} for i in range(len(texts))] if groups is None else list(groups)
+  for text, group in zip(texts, groups):
+    words = [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+    counts.update(words)
+    for w in words:
+      users[w].update(group)
   chars = sorted({c for w in counts for c in w})
   tokens = list(SPECIAL_TOKENS) + chars + ['##' + c for c in chars]
   budget = max(0, vocab_size - len(tokens))
-  ranked = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+  ranked = sorted((w for w in counts if len(w) > 1 and len(users[w]) >= min_groups),
+                  key=lambda w: (-counts[w], w))
   tokens += ranked[:budget]
   return {t: i for i, t in enumerate(tokens)}
 

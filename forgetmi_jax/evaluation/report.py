@@ -409,11 +409,15 @@ def plot_loss_histograms(losses, path, bins=40, density=True, log_scale=False, t
   return os.fspath(path)
 
 
-def write_run_outputs(workdir, payload: dict, losses: dict, title='Forget-MI evaluation'):
-  """A run's outputs: metrics.json (atomic), per-example losses (npz), report.md and the loss
-  histograms (Fig. 3). `losses`: {model: {set: per-example CE}}."""
+def write_run_outputs(workdir, payload: dict, losses: dict, logits=None, labels=None,
+                      title='Forget-MI evaluation'):
+  """A run's outputs: metrics.json (atomic), per-example outputs (losses.npz: '<model>/<set>'
+  losses, and with them 'logits/<model>/<set>' and 'labels/<set>', so every metric can be
+  recomputed), report.md and the loss histograms (Fig. 3)."""
   write_json_atomic(payload, os.path.join(workdir, 'metrics.json'))
   flat = {f'{m}/{s}': v for m, d in losses.items() for s, v in d.items()}
+  flat.update({f'logits/{m}/{s}': v for m, d in (logits or {}).items() for s, v in d.items()})
+  flat.update({f'labels/{s}': v for s, v in (labels or {}).items()})
   atomic_write(os.path.join(workdir, 'losses.npz'), lambda f: np.savez(f, **flat))
   write_report(payload, os.path.join(workdir, 'report.md'), title=title)
   plot_loss_histograms({m: {'test': d['test'], 'forget': d['forget']} for m, d in losses.items()},

@@ -18,7 +18,6 @@ Tuning budget (the same for every method, Forget-MI included), `config.compare`:
 """
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -97,20 +96,11 @@ def with_lr(config, name, lr):
 
 
 def run_or_reuse(prep, original, name, tag):
-  """Run method `name` (or reload a finished run of the same fingerprint); (variables,
-  seconds, history). Finished runs leave DONE.json beside their checkpoints, so a rerun of the
-  comparison reports the original run's time instead of the seconds it takes to reload it."""
+  """Run method `name` (or reload a finished run of the same fingerprint, which reports the
+  run's own seconds); (variables, seconds, history)."""
   result = setup.run_method(prep, original, name,
                             ckpt_root=os.path.join(prep.workdir, 'checkpoints', tag))
-  done = os.path.join(prep.workdir, 'checkpoints', tag, name, result.fingerprint, 'DONE.json')
-  variables = result.states[0].variables
-  if os.path.exists(done):
-    with open(done) as f:
-      meta = json.load(f)
-    return variables, float(meta['seconds']), meta['history']
-  report.write_json_atomic({'seconds': result.seconds, 'history': result.histories[0],
-                            'fingerprint': result.fingerprint}, done)
-  return variables, result.seconds, result.histories[0]
+  return result.states[0].variables, result.seconds, result.histories[0]
 
 
 def image_f1(prep, predict, variables, indices, labels):

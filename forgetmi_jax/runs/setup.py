@@ -8,19 +8,25 @@ training config, the forget and retain ids), so a rerun with other settings neve
 or reports another run's model.
 """
 import dataclasses
+import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from forgetmi_jax import config as config_lib
 from forgetmi_jax.data.forget_sets import make_forget_split
+from forgetmi_jax.data.mimic_cxr import load_mimic_cxr, restrict_permissions
 from forgetmi_jax.data.noise import TextNoiser
 from forgetmi_jax.data.pipeline import make_source, noisy_token_table
+from forgetmi_jax.data.synthetic import make_synthetic_cohort
 from forgetmi_jax.data.tokenizer import load_tokenizer, train_wordpiece_tokenizer
+from forgetmi_jax.evaluation.report import write_json_atomic
 from forgetmi_jax.models.bert import load_bert_params_into
 from forgetmi_jax.models.multimodal import build_model, init_variables
 from forgetmi_jax.train import cache as cache_lib
@@ -71,25 +77,30 @@ def default_dirs(config, config_name='run'):
 def build_cohort(config, cache_dir):
   d = config.data
   if d.source == 'synthetic':
-    from forgetmi_jax.data.synthetic import make_synthetic_cohort
     knobs = {k: v for k, v in d.synthetic.items() if not (isinstance(v, float) and v < 0)}
     return make_synthetic_cohort(seed=int(config.seed), image_size=int(d.image_size),
                                  split_csv=d.split_csv or None, **knobs)
-  from forgetmi_jax.data.mimic_cxr import load_mimic_cxr  # tensorflow-datasets: optional, heavy
   return load_mimic_cxr(d.split_csv, d.mimic_root, d.data_dir or os.path.join(cache_dir, 'tfds'),
-                        image_size=int(d.image_size), reports_tsv=d.reports_tsv or None)
+                        image_size=int(d.image_size), reports_tsv=d.reports_tsv or None,
+                        image_fit=d.image_fit, content_hash=bool(d.content_hash))
 
 
 def build_tokenizer(config, cohort, cache_dir, data_key):
   """The pretrained checkpoint's tokenizer, or a WordPiece vocabulary trained on the cohort."""
   if config.model.text.pretrained_path:
     return load_tokenizer(config.model.text.pretrained_path)
-  out_dir = os.path.join(cache_dir, f'tokenizer-{data_key}-{config.data.tokenizer_vocab_size}')
+  d = config.data
+  out_dir = os.path.join(cache_dir, f'tokenizer-{data_key}-{d.tokenizer_vocab_size}')
   with cache_lib.lock(out_dir):
     if cache_lib.is_complete(out_dir):
       return load_tokenizer(out_dir)
-    tok = train_wordpiece_tokenizer(sorted(set(cohort.reports)),
-                                    int(config.data.tokenizer_vocab_size), out_dir)
+    patients = {}
+    for text, subject in zip(cohort.reports, cohort.subject_id.tolist()):
+      patients.setdefault(text, set()).add(subject)
+    texts = sorted(patients)
+    tok = train_wordpiece_tokenizer(texts, int(d.tokenizer_vocab_size), out_dir,
+                                    groups=[patients[t] for t in texts],
+                                    min_groups=int(d.tokenizer_min_patients))
     cache_lib.mark_complete(out_dir, {'vocab_size': len(tok)})
   return tok
 
@@ -101,8 +112,11 @@ def data_key(config, cohort):
                                 getattr(cohort, 'content_key', None))
 
 
-def prepare(config, config_name='run') -> Prepared:
-  """Resolve and validate the config, then build data, tokens and the model."""
+def prepare(config, config_name='run', make_split=None) -> Prepared:
+  """Resolve and validate the config, then build data, tokens and the model.
+
+  `make_split(cohort)` replaces the configured forget split (a forget request's patients).
+  """
   config_lib.resolve(config)
   workdir, cache_dir = default_dirs(config, config_name)
   with config.unlocked():
@@ -112,9 +126,12 @@ def prepare(config, config_name='run') -> Prepared:
   t0 = time.time()
   cohort = build_cohort(config, cache_dir)
   key = data_key(config, cohort)
-  split = make_forget_split(cohort, float(config.forget_fraction),
-                            seed=int(config.data.forget_seed),
-                            forget_csv=config.data.forget_csv or None)
+  if make_split is not None:
+    split = make_split(cohort)
+  else:
+    split = make_forget_split(cohort, float(config.forget_fraction),
+                              seed=int(config.data.forget_seed),
+                              forget_csv=config.data.forget_csv or None)
   tokenizer = build_tokenizer(config, cohort, cache_dir, key)
   source = make_source(cohort, tokenizer, int(config.data.max_text_len))
   model_cfg = config.model.to_dict()
@@ -179,20 +196,31 @@ def _train(prep, kind, indices, seeds, paths, group_dir):
                        init_variables=prep.init_variables,
                        data_seed_offset=0 if kind == 'original' else 1)
   result = loop.run(method, None, os.path.join(group_dir, 'ckpt'), mesh=prep.mesh,
-                    desc=f'train {kind}' + (f' x{len(seeds)}' if len(seeds) > 1 else ''))
+                    desc=f'train {kind}' + (f' x{len(seeds)}' if len(seeds) > 1 else ''),
+                    tb_dir=os.path.join(prep.workdir, 'tensorboard', f'train_{kind}'))
   for s, state in zip(seeds, result.states):
     save_variables(os.path.join(paths[s], 'variables'), state.variables)
-    cache_lib.mark_complete(paths[s], {'kind': kind, 'seed': s, 'seconds': result.seconds,
-                                       'stacked_copies': len(seeds),
-                                       'examples': len(indices)})
+    cache_lib.mark_complete(paths[s], {
+        'kind': kind, 'seed': s, 'seconds': result.seconds, 'stacked_copies': len(seeds),
+        'examples': len(indices),  # the patients it saw, so a purge can find it (ids only)
+        'subjects': np.unique(prep.cohort.subject_id[indices]).tolist()})
+    restrict_permissions(paths[s])
+  shutil.rmtree(group_dir, ignore_errors=True)  # the per-epoch checkpoints are done with
 
 
 # ------------------------------------------------------------------------------ methods
 def make_context(prep: Prepared, with_noisy_text=True) -> UnlearnContext:
   noisy = noisy_forget_tokens(prep) if with_noisy_text else None
+  size, length = int(prep.config.data.image_size), int(prep.config.data.max_text_len)
+
+  def init_fusion(key):
+    """Fresh fusion gates, traceable inside a jitted step (XLA drops the rest of the init)."""
+    ids = jnp.zeros((1, length), jnp.int32)
+    return prep.model.init(key, jnp.zeros((1, size, size, 1), jnp.float32), ids,
+                           jnp.ones_like(ids), train=False)['params']['fusion']
   return UnlearnContext(prep.model, prep.source, prep.split, noisy,
-                        lambda key: init_variables(prep.model, key, int(prep.config.data.image_size),
-                                                   int(prep.config.data.max_text_len))['params'])
+                        lambda key: init_variables(prep.model, key, size, length)['params'],
+                        init_fusion)
 
 
 def noisy_forget_tokens(prep: Prepared):
@@ -231,6 +259,7 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   method = registry.get(name)(ctx, copies)
   key, _ = run_fingerprint(prep, name, copies)
   ckpt_dir = os.path.join(ckpt_root or os.path.join(prep.workdir, 'checkpoints'), name, key)
+  loop_kwargs.setdefault('tb_dir', os.path.join(prep.workdir, 'tensorboard', name, key))
   result = loop.run(method, original, ckpt_dir, mesh=prep.mesh, desc=f'unlearn {name}',
                     **loop_kwargs)
   steps = [sum(e['steps'] for e in h) for h in result.histories]
@@ -238,4 +267,11 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
     raise RuntimeError(f'{name}: no step was taken in {method.epochs} epochs (an empty forget '
                        f'or retain stream?); see {ckpt_dir}')
   result.fingerprint = key
+  # A finished run records its time once: a rerun that only reloads reports the run's seconds.
+  done = os.path.join(ckpt_dir, 'DONE.json')
+  if os.path.exists(done):
+    with open(done) as f:
+      result.seconds = float(json.load(f)['seconds'])
+  else:
+    write_json_atomic({'seconds': result.seconds, 'fingerprint': key}, done)
   return result

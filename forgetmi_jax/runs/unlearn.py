@@ -6,6 +6,7 @@ import os
 import time
 
 import ml_collections
+import numpy as np
 
 from forgetmi_jax.evaluation.evaluate import evaluate_models
 from forgetmi_jax.evaluation.report import read_metrics, write_run_outputs
@@ -25,16 +26,24 @@ def run(config, config_name='run'):
   (retrain,), (t_retrain,) = setup.train_or_load(prep, 'retrain')
   name = config.method
   result = setup.run_method(prep, original)
-  results, losses = evaluate_models(
+  results, losses, logits = evaluate_models(
       prep.model, prep.source, prep.split,
       {'original': original, 'retrain': retrain, name: result.states[0].variables},
-      {'original': t_orig, 'retrain': t_retrain, name: result.seconds}, config.eval)
+      {'original': t_orig, 'retrain': t_retrain, name: result.seconds}, config.eval,
+      return_logits=True)
   payload = {'forget_fraction': prep.forget_fraction, 'models': results,
              'config': config.to_dict(), 'fingerprint': {name: result.fingerprint},
              'cache_dir_relative': os.path.relpath(prep.cache_dir, prep.workdir),
              'history': {name: result.histories[0]},
              'wall_seconds': {'total': time.time() - t_start}}
-  return write_run_outputs(prep.workdir, payload, losses)
+  return write_run_outputs(prep.workdir, payload, losses, logits, set_labels(prep))
+
+
+def set_labels(prep):
+  labels = np.asarray(prep.source.labels)
+  return {s: labels[idx] for s, idx in (('retain', prep.split.retain_idx),
+                                        ('test', prep.split.test_idx),
+                                        ('forget', prep.split.forget_idx))}
 
 
 def reevaluate(workdir):
@@ -68,8 +77,9 @@ def reevaluate(workdir):
   ckpt.close()
   unlearned = loop.unstack(states, 1)[0].variables
   seconds = {k: v.get('seconds') for k, v in old['models'].items()}
-  results, losses = evaluate_models(prep.model, prep.source, prep.split,
-                                    {'original': original, 'retrain': retrain, name: unlearned},
-                                    seconds, config.eval)
+  results, losses, logits = evaluate_models(
+      prep.model, prep.source, prep.split,
+      {'original': original, 'retrain': retrain, name: unlearned}, seconds, config.eval,
+      return_logits=True)
   payload = dict(old, models=results)
-  return write_run_outputs(workdir, payload, losses)
+  return write_run_outputs(workdir, payload, losses, logits, set_labels(prep))

@@ -8,7 +8,12 @@ checkpoint that cannot be read raises one error naming its folder and what to do
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from safetensors.numpy import load_file, save
+
+from forgetmi_jax.io_utils import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -80,3 +85,25 @@ def load_variables(path: str, like=None):
   except Exception as e:
     raise _unreadable(path, e) from None
   return {'params': out['params'], 'batch_stats': out['batch_stats']}
+
+
+def save_variables_safetensors(path: str, variables):
+  """Our variables as one safetensors file, keys 'params/image_encoder/...' (atomic write)."""
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in p): np.ascontiguousarray(np.asarray(v))
+          for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]}
+  blob = save(flat)
+  atomic_write(path, lambda f: f.write(blob))
+
+
+def load_variables_safetensors(path: str):
+  """The variables written by `save_variables_safetensors`."""
+  out = {}
+  for key, value in load_file(path).items():
+    node = out
+    *parents, leaf = key.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  if set(out) != {'params', 'batch_stats'}:
+    raise ValueError(f'{path}: not a forgetmi-jax variables file (top-level keys {sorted(out)})')
+  return out

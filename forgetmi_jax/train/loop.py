@@ -13,6 +13,7 @@ N = 1 runs the step on the unstacked copy inside the same jitted program (no vma
 run is exactly the single-model computation.
 """
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -24,7 +25,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from forgetmi_jax.train import parallel
+from forgetmi_jax.train import optim
 from forgetmi_jax.train.checkpoints import Checkpoints
+from forgetmi_jax.train.tensorboard import EventWriter
+
+log = logging.getLogger('forgetmi_jax')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,25 +124,37 @@ def _expand(tree):
   return jax.tree_util.tree_map(lambda x: x[None], tree)
 
 
-def stacked_step(step: Callable, n: int, shared: bool, vmap: bool | None = None):
-  """The jitted step over n stacked copies: (states, original, batch, rngs, hparams).
+def _donate():
+  """Donating the states lets XLA update them in place (not implemented on CPU)."""
+  return (0,) if jax.default_backend() != 'cpu' else ()
 
-  n = 1 (unless `vmap=True`): the unstacked step inside the program, so the computation is the
-  single model's; otherwise jax.vmap over the copies, the batch shared or per copy.
-  """
-  if vmap is None:
-    vmap = n > 1
 
-  if vmap:
-    fn = jax.vmap(step, in_axes=(0, None, None if shared else 0, 0, 0))
-  else:
-    def fn(states, original, batch, rngs, hparams):
-      one = step(_squeeze(states), original, batch if shared else _squeeze(batch),
-                 rngs[0], _squeeze(hparams))
-      return _expand(one[0]), _expand(one[1])
-  # Donating the stacked states lets XLA update them in place (not implemented on CPU).
-  donate = (0,) if jax.default_backend() != 'cpu' else ()
-  return jax.jit(fn, donate_argnums=donate)
+def stacked_step(step: Callable, shared: bool):
+  """The jitted step over stacked copies, vmapped: (states, original, batch, rngs, hparams),
+  the batch shared by all copies or stacked per copy."""
+  return jax.jit(jax.vmap(step, in_axes=(0, None, None if shared else 0, 0, 0)),
+                 donate_argnums=_donate())
+
+
+class _Program:
+  """How the loop steps n copies. One copy stays unstacked between steps and runs the method's
+  own jitted step, so a plain run is bit for bit the single-model computation (a squeeze
+  inside the program changes XLA's rounding); the stacked form is made at epoch boundaries
+  only, for the hooks and checkpoints. More copies are vmapped."""
+
+  def __init__(self, method, n):
+    self.single = n == 1
+    self.fn = (jax.jit(method.step, donate_argnums=_donate()) if self.single
+               else stacked_step(method.step, method.shared_batch))
+
+  def enter(self, stacked):
+    return _squeeze(stacked) if self.single else stacked
+
+  def leave(self, carry):
+    return _expand(carry) if self.single else carry
+
+  def __call__(self, carry, original, batch, rngs, hparams):
+    return self.fn(carry, original, batch, rngs[0] if self.single else rngs, hparams)
 
 
 def shard_step_batch(batch, mesh, shared: bool):
@@ -175,7 +192,7 @@ def estimate_memory(method: Method, original, batch, state, hparams):
   options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
   measured = {}
   for c in (1, 2):
-    fn = stacked_step(method.step, c, method.shared_batch, vmap=True)
+    fn = stacked_step(method.step, method.shared_batch)
     b = batch if method.shared_batch else _abstract(batch, c)
     args = (_abstract(state, c), _abstract(original), _abstract(b),
             _abstract(jax.random.PRNGKey(0), c), _abstract(hparams, c))
@@ -216,6 +233,7 @@ class Result:
   histories: list
   memory: dict | None = None
   fingerprint: str = ''
+  resumed_from: list = dataclasses.field(default_factory=list)  # first epoch run, per chunk
 
 
 def _epoch_batches(method: Method, epoch: int):
@@ -260,13 +278,14 @@ def _restore_hparams(hparams, saved):
 
 def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None,
         chunk_size: int = 0, memory_budget_bytes: float | None = None,
-        log_fn: Callable | None = None) -> Result:
+        tb_dir: str | None = None) -> Result:
   """Run `method`'s copies from `original` ({'params', 'batch_stats'}) for its epochs.
 
   Per-epoch checkpoints under `ckpt_dir` (one folder per chunk); a killed run resumes from the
   last one and ends with the parameters of an uninterrupted run. Copies that do not fit
   `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size` run in equal
-  chunks. `log_fn(step, scalars)` receives every step's metrics (e.g. a TensorBoard writer).
+  chunks. With `tb_dir`, TensorBoard event files get every step's metrics and each epoch's
+  learning rate and examples/s (tags `<method>/<metric>`, per copy `<method>/<copy>/<metric>`).
   """
   mesh = mesh or parallel.make_mesh()
   n = len(method.copies)
@@ -277,7 +296,7 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     memory = _measure(method, original)
   sizes = plan_chunks(n, (memory or {}).get('per_copy_bytes'), (memory or {}).get('fixed_bytes', 0),
                       memory_budget_bytes, chunk_size)
-  states, histories, start = [], [], 0
+  states, histories, start, resumed = [], [], 0, []
   for c, size in enumerate(sizes):
     chunk = method.copies[start:start + size]
     pad = max(sizes) - size
@@ -286,22 +305,43 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     sub_dir = ckpt_dir if len(sizes) == 1 else os.path.join(ckpt_dir,
                                                             f'chunk{c}-of-{len(sizes)}')
     label = desc if len(sizes) == 1 else f'{desc} [{c + 1}/{len(sizes)}]'
-    s, h = _run_chunk(sub, original, sub_dir, label, mesh, log_fn)
+    sub_tb = tb_dir if len(sizes) == 1 or not tb_dir else os.path.join(tb_dir, f'chunk{c}')
+    s, h, first = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb)
+    resumed.append(first)
     states += s[:size]
     histories += h[:size]
     start += size
-  return Result(states, time.time() - t0, histories, memory)
+  return Result(states, time.time() - t0, histories, memory, resumed_from=resumed)
 
 
 def _measure(method, original):
   method.prepare(original)
   batch = next(iter(_epoch_batches(method, 0)))
+  if not method.shared_batch:  # per-copy batches come stacked [N, ...]: one copy's
+    batch = _squeeze(batch)
   copy = method.copies[0]
   return estimate_memory(method, original, batch, method.init_state(original, copy),
                          method.hparams(copy))
 
 
-def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, log_fn):
+def _tags(method, n):
+  if n == 1:
+    return [method.name]
+  return [f'{method.name}/{c.name or f"copy{j}"}' for j, c in enumerate(method.copies)]
+
+
+def _write_events(writer, tags, first_step, metrics_per_step, epoch_scalars):
+  for i, metrics in enumerate(jax.device_get(metrics_per_step)):
+    for j, tag in enumerate(tags):
+      writer.scalars(first_step + i, {tag: {k: float(np.reshape(v, -1)[j])
+                                            for k, v in metrics.items()}})
+  last = first_step + len(metrics_per_step) - 1
+  for j, tag in enumerate(tags):
+    writer.scalars(last, {tag: {k: v[j] for k, v in epoch_scalars.items()}})
+  writer.flush()
+
+
+def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir):
   n = len(method.copies)
   states = stack([method.init_state(original, c) for c in method.copies])
   hparams = stack([method.hparams(c) for c in method.copies])
@@ -312,30 +352,40 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, log_fn):
     start = ckpt.latest_epoch() + 1
     histories = extra.get('histories', histories)
     hparams = _restore_hparams(hparams, extra.get('hparams', {}))
+    log.info('%s: resuming after epoch %d from %s', desc, start - 1, ckpt_dir)
   states = parallel.replicate(states, mesh)
   shared = method.shared_batch
-  step = stacked_step(method.step, n, shared)
+  program = _Program(method, n)
   if start < method.epochs:
     method.prepare(original)
-  global_step = 0
+  global_step = sum(e['steps'] for e in histories[0])
+  writer = EventWriter(tb_dir, purge_step=global_step if start else None) if tb_dir else None
+  tags = _tags(method, n)
   with tqdm(total=method.epochs, initial=start, desc=desc, unit='epoch',
             dynamic_ncols=True) as bar:
     for epoch in range(start, method.epochs):
       hparams = method.start_epoch(epoch, hparams)
-      metrics, steps, seen, t_epoch = None, 0, 0, time.time()
+      metrics, steps, seen, t_epoch, logged = None, 0, 0, time.time(), []
+      carry, carry_hparams = program.enter(states), program.enter(hparams)
       for i, batch in enumerate(_epoch_batches(method, epoch)):
         rngs = jnp.stack([method.step_rng(s, epoch, i) for s in method.seeds])
-        states, metrics = step(states, original, shard_step_batch(batch, mesh, shared), rngs,
-                               hparams)
+        carry, metrics = program(carry, original, shard_step_batch(batch, mesh, shared), rngs,
+                                 carry_hparams)
         steps += 1
         seen += _real_rows(batch)
-        if log_fn is not None:
-          log_fn(global_step, metrics)
-        global_step += 1
-      last = ({k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+        if writer is not None:
+          logged.append(metrics)
+      states = program.leave(carry)
+      last = ({k: np.asarray(v).reshape(n) for k, v in jax.device_get(metrics).items()}
               if metrics is not None else {})
       states, hparams = method.end_epoch(epoch, states, hparams, last)
       rate = seen / max(time.time() - t_epoch, 1e-9)
+      if writer is not None and logged:
+        lrs = np.asarray(optim.learning_rates(jax.device_get(states.opt_state)))
+        _write_events(writer, tags, global_step, logged,
+                      {'lr': lrs.reshape(n, -1)[:, 0] if lrs.size else np.full(n, np.nan),
+                       'examples_per_s': np.full(n, rate)})
+      global_step += steps
       for j in range(n):
         histories[j].append({'epoch': epoch, 'steps': steps, 'examples_per_s': rate,
                              **{k: float(v[j]) for k, v in last.items()}})
@@ -344,7 +394,9 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, log_fn):
                       | {'ex/s': f'{rate:.0f}'})
       bar.update(1)
   ckpt.close()
-  return unstack(jax.device_get(states), n), histories
+  if writer is not None:
+    writer.close()
+  return unstack(jax.device_get(states), n), histories, start
 
 
 def _real_rows(batch):

@@ -80,7 +80,7 @@ def forgetmi_loss(params, batch_stats, targets, batch, rng, hp, apply_fn):
   return loss, (batch_stats, {'loss': loss, **terms})
 
 
-def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn):
+def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn, set_params=None):
   """Gradient of forgetmi_loss -> (grads, (batch_stats, metrics)), one set at a time.
 
   The loss is a forget part plus a retain part sharing only the params (and BatchNorm
@@ -89,17 +89,20 @@ def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn):
   cannot start the retain forward before the forget backward has freed its activations:
   peak memory is one set's, not both (XLA:CPU drops optimization barriers and, without
   this, keeps both sets' activations: 24.4 instead of 18.1 GB at paper size, batch 16).
+  `set_params(params, set_name)` swaps in per-set parameters (REFERENCE 8.1's gates).
   """
-  def part(terms_fn, data):
+  def part(terms_fn, set_name):
     def loss(p, stats):
-      terms, stats = terms_fn(p, stats, data, targets, rng, apply_fn)
+      if set_params is not None:
+        p = set_params(p, set_name)
+      terms, stats = terms_fn(p, stats, batch[set_name], targets, rng, apply_fn)
       return weighted(terms, hp), (stats, terms)
     return loss
 
   grad_fn = lambda f: jax.value_and_grad(f, has_aux=True)  # noqa: E731
-  (loss_f, (batch_stats, f_terms)), grads_f = grad_fn(part(forget_terms, batch['forget']))(
+  (loss_f, (batch_stats, f_terms)), grads_f = grad_fn(part(forget_terms, 'forget'))(
       params, batch_stats)
-  (loss_r, (batch_stats, r_terms)), grads_r = grad_fn(part(retain_terms, batch['retain']))(
+  (loss_r, (batch_stats, r_terms)), grads_r = grad_fn(part(retain_terms, 'retain'))(
       _after(params, grads_f), batch_stats)
   grads = jax.tree_util.tree_map(jnp.add, grads_f, grads_r)
   return grads, (batch_stats, {'loss': loss_f + loss_r, **f_terms, **r_terms})
@@ -152,9 +155,13 @@ def retain_targets(apply_fn, original, retain, *, train=False, rng=None):
   return {'retain_uni': uni[0], 'retain_joint': joint[0]}
 
 
-def randomise_fusion(params, init_fusion, key):
-  """REFERENCE 8.1 (opt-in): the public code builds fresh random fusion gates every step."""
-  return dict(params, fusion=init_fusion(key))
+def fresh_gates(init_fusion, rng):
+  """REFERENCE 8.1 (opt-in): the public code draws new random fusion gates at every step, one
+  per model and set: {(model, set): fusion params} for the unlearned and original models."""
+  parts = [('unlearned', 'forget'), ('unlearned', 'retain'), ('original', 'forget'),
+           ('original', 'retain')]
+  key = jax.random.fold_in(rng, rng_lib.FUSION_GATES)
+  return {p: init_fusion(jax.random.fold_in(key, i)) for i, p in enumerate(parts)}
 
 
 def make_grads_fn(apply_fn, *, num_draws=1, no_noise=False, resample_noise=False,
@@ -164,30 +171,32 @@ def make_grads_fn(apply_fn, *, num_draws=1, no_noise=False, resample_noise=False
   Uses `batch['targets']` when the method cached the original's outputs (forget targets
   batch-first [B, T, K, D] over T target settings; `hparams['target_index']` picks this copy's),
   otherwise runs the frozen original live (eval mode; train mode for REFERENCE 8.4).
+  `init_fusion(key)` (traceable) turns on REFERENCE 8.1's throw-away gates.
   """
   def grads_fn(state, original, batch, rng, hp):
-    params = state.params
-    if init_fusion is not None:  # REFERENCE 8.1: fresh random gates per model and set
-      params = randomise_fusion(params, init_fusion,
-                                jax.random.fold_in(rng, rng_lib.FUSION_GATES))
-      original = dict(original, params=randomise_fusion(
-          original['params'], init_fusion, jax.random.fold_in(rng, rng_lib.FUSION_GATES + 100)))
+    gates = fresh_gates(init_fusion, rng) if init_fusion is not None else None
+    with_gates = lambda params, model, part: dict(params, fusion=gates[(model, part)])  # noqa
     if 'targets' in batch:
       targets = dict(batch['targets'])
       for k in _TARGET_NAMES:  # [B, T, K, D] -> this copy's [K, B, D]
         targets[k] = jnp.swapaxes(jnp.take(targets[k], hp['target_index'], axis=1), 0, 1)
     else:
       orng = jax.random.fold_in(rng, rng_lib.ORIGINAL_DROPOUT)
-      targets = forget_targets(apply_fn, original, batch, hp, num_draws=num_draws,
+      of = original if gates is None else dict(
+          original, params=with_gates(original['params'], 'original', 'forget'))
+      orr = original if gates is None else dict(
+          original, params=with_gates(original['params'], 'original', 'retain'))
+      targets = forget_targets(apply_fn, of, batch, hp, num_draws=num_draws,
                                no_noise=no_noise, resample_noise=resample_noise,
                                train=original_train_mode, rng=jax.random.fold_in(orng, 0))
-      targets.update(retain_targets(apply_fn, original, batch['retain'],
+      targets.update(retain_targets(apply_fn, orr, batch['retain'],
                                     train=original_train_mode, rng=jax.random.fold_in(orng, 1)))
     targets = jax.lax.stop_gradient(targets)
-    grads, (stats, metrics) = forgetmi_grads(params, state.batch_stats, targets, batch, rng,
-                                             hp, apply_fn)
-    if init_fusion is not None:  # the public code never trains its throw-away gates
-      grads = dict(grads, fusion=jax.tree_util.tree_map(jnp.zeros_like, grads['fusion']))
+    set_params = None if gates is None else (
+        lambda params, part: with_gates(params, 'unlearned', part))
+    grads, (stats, metrics) = forgetmi_grads(state.params, state.batch_stats, targets, batch,
+                                             rng, hp, apply_fn, set_params)
+    # the gates are never trained: swapped in per set, their gradient is exactly zero
     return grads, stats, metrics
   return grads_fn
 
@@ -221,9 +230,7 @@ class ForgetMIMethod(UnlearningMethod):
     self.cap = bool(quirks.retention_cap)
     self.num_draws = int(cfg.noise.num_draws)
     self.cached = self._cachable()
-    init_fusion = None
-    if quirks.random_fusion_gates:
-      init_fusion = lambda key: ctx.init_params(key)['fusion']  # noqa: E731
+    init_fusion = ctx.init_fusion if quirks.random_fusion_gates else None
     self.grads_fn = make_grads_fn(ctx.apply_fn, num_draws=self.num_draws,
                                   no_noise=cfg.setting == 'no_noise',
                                   resample_noise=self.resample,

@@ -28,7 +28,8 @@ class UnlearnContext:
   source: Any  # data.pipeline.ExampleSource (cohort + tokens)
   split: Any  # data.forget_sets.ForgetSplit
   noisy_tokens: Any = None  # forget-set noisy report tokens (Forget-MI)
-  init_params: Callable | None = None  # key -> fresh params (EU-k, REFERENCE 8.1)
+  init_params: Callable | None = None  # key -> fresh params (EU-k)
+  init_fusion: Callable | None = None  # key -> fresh fusion params, traceable (REFERENCE 8.1)
 
   @property
   def apply_fn(self):
