@@ -8,7 +8,7 @@ the same machine, the same sizes and the same batches.
   python benchmarks/bench_unlearn_step.py --sizes paper --batches 4 --steps 2   # optional
 
 Each (size, batch, path, text, implementation) runs in its own subprocess, so its peak RSS is
-its own. torch runs with torch.set_num_threads(2); XLA uses every core.
+its own. torch runs with torch.set_num_threads(2) (--torch-threads); XLA uses every core.
 - path 'live' runs the frozen original inside the step (noisy-forget and retain forwards);
   'cached' feeds its outputs, computed once (the main command's default).
 - text 'full': every one of max_len positions is a real token. 'real': each report's length is
@@ -44,6 +44,16 @@ from benchmarks import _step as S  # noqa: E402
 # The public code's step on this machine kind (REFERENCE 9): (median s, peak GB), full text.
 REFERENCE = {('paper', 4): (19.9, 9.3), ('paper', 8): (41.4, 16.7), ('paper', 16): (None, 32.0),
              ('mid', 16): (1.81, 1.9), ('tiny', 16): (0.198, 0.7)}
+
+
+def peak_rss_gb():
+  """This process's peak RSS (VmHWM: its own address space; getrusage's ru_maxrss would carry
+  the parent's peak across fork + exec)."""
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 2 ** 20
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def _batches(size, batch, text, steps, lengths_file):
@@ -95,12 +105,12 @@ def jax_worker(size, batch, path, text, steps, max_gb, dtype, arch, lengths_file
           'gflop': gflop, 'lengths': lengths}
 
 
-def torch_worker(size, batch, path, text, steps, arch, lengths_file):
+def torch_worker(size, batch, path, text, steps, arch, lengths_file, threads):
   import torch
 
   from benchmarks.torch_step import ForgetMIStep
   from forgetmi_jax.data.trim import real_length
-  torch.set_num_threads(2)
+  torch.set_num_threads(threads)
   torch.manual_seed(0)
   runner = ForgetMIStep(S.torch_model(size, arch))
   batches = _batches(size, batch, text, steps, lengths_file)
@@ -190,6 +200,9 @@ def main():
   ap.add_argument('--dtype', default='float32', help='JAX compute dtype (torch: float32)')
   ap.add_argument('--arch', default='paper7', choices=('paper7', 'presets'))
   ap.add_argument('--check', action='store_true')
+  ap.add_argument('--torch-threads', type=int, default=2,
+                  help='torch.set_num_threads (its OpenMP threads spin: on a loaded machine '
+                       'more threads than free cores slow it down several times)')
   ap.add_argument('--worker', nargs=6,
                   metavar=('IMPL', 'SIZE', 'BATCH', 'PATH', 'TEXT', 'LENGTHS'))
   args = ap.parse_args()
@@ -199,8 +212,9 @@ def main():
       r = jax_worker(size, int(batch), path, text, args.steps, args.max_gb, args.dtype,
                      args.arch, lengths_file)
     else:
-      r = torch_worker(size, int(batch), path, text, args.steps, args.arch, lengths_file)
-    r['peak_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+      r = torch_worker(size, int(batch), path, text, args.steps, args.arch, lengths_file,
+                       args.torch_threads)
+    r['peak_gb'] = peak_rss_gb()
     print(json.dumps(r))
     return
   import jax
@@ -214,13 +228,13 @@ def main():
   load = os.getloadavg()
   print(f'device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus, load average '
         f'{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min); jax '
-        f'{jax.__version__}, torch {torch.__version__} (2 threads); JAX compute dtype '
-        f'{args.dtype}; image encoder {args.arch}')
+        f'{jax.__version__}, torch {torch.__version__} ({args.torch_threads} threads); '
+        f'JAX compute dtype {args.dtype}; image encoder {args.arch}')
   print(f"'real' text: {S.describe_lengths(lengths)}")
   print('| size | batch/set | path | text | tokens (JAX / torch) | JAX s | torch s | '
         'torch / JAX | JAX peak GB | torch peak GB | XLA plan GB | GFLOP/step | JAX GFLOP/s | '
-        'public code s (REF 9) |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+        'public code s (REF 9) | load 1 min |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   fmt = lambda x, d=3: '—' if x is None else f'{x:.{d}f}'  # noqa: E731
   try:
     for size, batch, path, text in itertools.product(
@@ -230,7 +244,8 @@ def main():
       for impl in args.impls.split(','):
         out = subprocess.run(
             [sys.executable, __file__, '--steps', str(args.steps), '--max-gb', str(args.max_gb),
-             '--dtype', args.dtype, '--arch', args.arch, '--worker', impl, size, str(batch),
+             '--dtype', args.dtype, '--arch', args.arch, '--torch-threads',
+             str(args.torch_threads), '--worker', impl, size, str(batch),
              path, text, lengths_file], capture_output=True, text=True)
         lines = out.stdout.strip().splitlines()
         if out.returncode or not lines:
@@ -249,7 +264,8 @@ def main():
       print(f"| {size} | {batch} | {path} | {text} | {toks} | {fmt(j.get('median_s'))} | "
             f"{fmt(t.get('median_s'))} | {ratio} | {fmt(j.get('peak_gb'), 2)} | "
             f"{fmt(t.get('peak_gb'), 2)} | {fmt(j.get('xla_gb'), 2)} | {fmt(j.get('gflop'), 1)} "
-            f"| {fmt(rate, 1)} | {fmt(ref, 2)} |" + (f' {errors}' if errors else ''), flush=True)
+            f"| {fmt(rate, 1)} | {fmt(ref, 2)} | {os.getloadavg()[0]:.1f} |"
+            + (f' {errors}' if errors else ''), flush=True)
   finally:
     os.remove(lengths_file)
   load = os.getloadavg()

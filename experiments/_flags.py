@@ -1,6 +1,7 @@
 """Shared absl flags: --config file.py[:arg] with --config.key=value overrides, --workdir."""
 import logging
 import os
+import re
 import sys
 
 from absl import flags
@@ -35,6 +36,26 @@ def resolved_config():
     if WORKDIR.value:
       config.workdir = WORKDIR.value
   return config
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a typo'd config key named in full (`forgetmi.lrr`, and what it
+  may have meant) on one line instead of ml_collections' traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    text = str(e)
+    hint = re.search(r'Did you mean \W*"(\w+)\W* instead of \W*"(\w+)', text)
+    quoted = re.findall(r"'(\w+)\\*'", text)
+    key = hint.group(2) if hint else (quoted[0] if quoted else '')
+    for arg in argv:
+      name = arg.split('=', 1)[0]
+      if name.startswith('--config.') and name.rsplit('.', 1)[-1] == key:
+        path = name[len('--config.'):]
+        fix = f' (did you mean {path.rsplit(".", 1)[0]}.{hint.group(1)}?)' if hint else ''
+        sys.stderr.write(f'FATAL: unknown config key {path!r}{fix}; nothing was run.\n')
+        sys.exit(2)
+    raise
 
 
 def setup_logging():

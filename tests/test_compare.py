@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import compare_10pct
-from forgetmi_jax import compare
+from forgetmi_jax.runs import compare
 from forgetmi_jax.evaluation.report import PAPER_TABLE1
+from forgetmi_jax.unlearning import registry
 
 
 @dataclasses.dataclass
@@ -49,10 +50,10 @@ def test_lr_grid_and_selection():
 
 def test_orderings_on_the_paper_table():
   paper = PAPER_TABLE1[0.10]
-  order = compare.orderings(paper, paper, compare.METHODS)['paper']
+  order = compare.orderings(paper, paper, registry.names())['paper']
   assert order['lowest_mia'] == ['forgetmi'] and order['lowest_forget_f1'] == ['forgetmi']
   tied = {'retrain': {'mia': 0.2}, 'scrub': {'mia': 1.0}, 'cf_k': {'mia': 1.0}}
-  assert compare.orderings(tied, {}, compare.METHODS)['ours']['lowest_mia'] == ['scrub', 'cf_k']
+  assert compare.orderings(tied, {}, registry.names())['ours']['lowest_mia'] == ['scrub', 'cf_k']
   # At 10 % EU-k is (just) closest to retrain on average in the paper, Forget-MI next.
   assert order['by_avg_gap'][:2] == ['eu_k', 'forgetmi'] and len(order['by_avg_gap']) == 6
   assert compare.orderings(paper, PAPER_TABLE1[0.03], ('scrub', 'forgetmi'))['paper'][
@@ -74,7 +75,7 @@ def test_smoke_comparison_writes_all_models(smoke_run):
   root, payload = smoke_run
   with open(root / 'run' / 'comparison.json') as f:
     saved = json.load(f)
-  assert list(saved['models']) == list(compare.MODEL_KEYS)
+  assert list(saved['models']) == ['original', 'retrain'] + list(registry.names())
   for name, m in saved['models'].items():
     for k in ('mia', 'forget_auc', 'forget_f1', 'test_auc', 'test_f1', 'avg_gap', 'seconds'):
       assert k in m, (name, k)
@@ -82,7 +83,7 @@ def test_smoke_comparison_writes_all_models(smoke_run):
   assert saved['models']['retrain']['avg_gap'] == 0
   assert saved['tuning']['enabled'] is False
   assert saved['paper']['fraction'] == 0.10
-  assert set(saved['history']) == set(compare.METHODS)
+  assert set(saved['history']) == set(registry.names())
   assert [h['epoch'] for h in saved['history']['scrub']] == [0, 1]
   md = (root / 'run' / 'comparison.md').read_text()
   for title in ('Forget-MI', 'NegGrad+', 'SCRUB', 'CF-k', 'EU-k', 'MultiDelete',

@@ -28,14 +28,15 @@ def _l2(a, b):
                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
 
 
-def _assert_same(stacked, sequential, start):
+def _assert_same(stacked, sequential, start, rtol=1e-3):
   """Stacked copies end where the sequential runs do, to float rounding: the L2 distance
-  between them is a thousandth of how far the runs moved. (A max-abs bound cannot work under
-  Adam: it turns rounding noise in near-zero gradients into full lr-sized steps.)"""
+  between them is `rtol` of how far the runs moved. (A max-abs bound cannot work under Adam:
+  it turns rounding noise in near-zero gradients into full lr-sized steps.) A copy fed another
+  copy's batches or targets lands 20-100 % away."""
   for a, b in zip(stacked, sequential):
     moved = _l2(b.params, start['params'])
     assert moved > 1e-2, moved
-    assert _l2(a.params, b.params) <= 1e-3 * moved, (_l2(a.params, b.params), moved)
+    assert _l2(a.params, b.params) <= rtol * moved, (_l2(a.params, b.params), moved)
 
 
 def test_stacked_training_equals_sequential(prep, tmp_path):
@@ -46,8 +47,11 @@ def test_stacked_training_equals_sequential(prep, tmp_path):
   stacked = loop.run(method([0, 1]), None, str(tmp_path / 'stacked'))
   assert not method([0, 1]).shared_batch  # per-copy data order
   sequential = [loop.run(method([s]), None, str(tmp_path / f'seq{s}')).states[0] for s in (0, 1)]
-  _assert_same(stacked.states[1:], sequential[1:], prep.init_variables(1))
-  _assert_same(stacked.states[:1], sequential[:1], prep.init_variables(0))
+  # Training from scratch at lr 1e-3 is chaotic: the vmapped and the plain program agree
+  # bitwise after the first step, and the rounding noise after (4e-7) grows through the ranking
+  # loss's hinges to 1 % of the movement by step 8 for seed 1 (measured), 1e-5 for seed 0.
+  _assert_same(stacked.states[1:], sequential[1:], prep.init_variables(1), rtol=3e-2)
+  _assert_same(stacked.states[:1], sequential[:1], prep.init_variables(0), rtol=3e-2)
   # different seeds really give different models
   assert not np.allclose(jax.tree.leaves(stacked.states[0].params)[0],
                          jax.tree.leaves(stacked.states[1].params)[0])

@@ -1,6 +1,9 @@
 """The Forget-MI step on the real (tiny) model: frozen heads, weights as a traced argument,
 cached original outputs equal to the live path, config errors."""
 import copy
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,7 +12,7 @@ import pytest
 from forgetmi_jax.runs import setup as run_setup
 from forgetmi_jax.train import loop
 from forgetmi_jax.unlearning.forgetmi import ForgetMIMethod
-from tests.helpers import tiny_config
+from tests.helpers import ROOT, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -119,3 +122,45 @@ def test_invalid_values_fail_before_training(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
     run_setup.prepare(config)
   assert not (tmp_path / 'cache').exists() or not any((tmp_path / 'cache').iterdir())
+
+
+def test_bad_inputs_fail_before_training_with_their_cause(tmp_path):
+  empty = tmp_path / 'forget.csv'
+  empty.write_text('subject_id\n')
+  cases = [({'data.forget_csv': str(empty)}, 'selects no image'),
+           ({'forget_fraction': 1e-4}, 'selects no image'),
+           ({'train.batch_size': 100000}, 'train.batch_size=100000 is larger'),
+           ({'method': 'cf_k', 'cf_k.batch_size': 100000}, 'cf_k.batch_size')]
+  for overrides, message in cases:
+    with pytest.raises(ValueError, match=message):
+      run_setup.prepare(tiny_config(tmp_path / 'run', **overrides))
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  locked.chmod(0o500)
+  try:
+    if os.access(locked, os.W_OK):  # root ignores permissions: use a path under a file
+      bad = str(empty / 'sub')
+    else:
+      bad = str(locked / 'run')
+    config = tiny_config(tmp_path / 'run')
+    config.workdir = bad
+    with pytest.raises(ValueError, match='workdir=.* is not writable'):
+      run_setup.prepare(config)
+  finally:
+    locked.chmod(0o700)
+  assert not list((tmp_path / 'run').glob('cache/original-*'))
+
+
+def test_typo_in_a_config_key_is_named_before_anything_runs():
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'unlearn.py'),
+                         '--config', os.path.join(ROOT, 'configs', 'forgetmi_10pct.py') + ':smoke',
+                         '--config.forgetmi.lrr=1'], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode != 0
+  assert "unknown config key 'forgetmi.lrr' (did you mean forgetmi.lr?)" in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'unlearn.py'),
+                         '--config', os.path.join(ROOT, 'configs', 'forgetmi_10pct.py') + ':smoke',
+                         '--config.forgetmi.lr=abc'], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode != 0 and 'forgetmi.lr' in proc.stderr and 'Traceback' not in proc.stderr

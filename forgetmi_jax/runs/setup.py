@@ -121,8 +121,8 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
   workdir, cache_dir = default_dirs(config, config_name)
   with config.unlocked():
     config.workdir, config.cache_dir = workdir, cache_dir
-  os.makedirs(workdir, exist_ok=True)
-  os.makedirs(cache_dir, exist_ok=True)
+  for key, path in (('workdir', workdir), ('cache_dir', cache_dir)):
+    _check_writable(key, path)
   t0 = time.time()
   cohort = build_cohort(config, cache_dir)
   key = data_key(config, cohort)
@@ -132,6 +132,7 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
     split = make_forget_split(cohort, float(config.forget_fraction),
                               seed=int(config.data.forget_seed),
                               forget_csv=config.data.forget_csv or None)
+  check_split(config, split)
   tokenizer = build_tokenizer(config, cohort, cache_dir, key)
   source = make_source(cohort, tokenizer, int(config.data.max_text_len))
   model_cfg = config.model.to_dict()
@@ -150,6 +151,36 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
            len(cohort), len(split.forget_idx), len(split.retain_idx), len(split.test_idx))
   return Prepared(config, cohort, split, tokenizer, source, model, parallel.make_mesh(), key,
                   workdir, cache_dir, fresh_variables)
+
+
+def _check_writable(key, path):
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f'.write-test-{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'{key}={path!r} is not writable ({e.strerror}); choose another folder '
+                     f'with --{key if key == "workdir" else "config." + key}') from None
+
+
+def check_split(config, split):
+  """Errors that would otherwise surface only after training, named by their cause."""
+  source = (f'data.forget_csv={config.data.forget_csv!r}' if config.data.forget_csv
+            else f'forget_fraction={config.forget_fraction}')
+  if len(split.forget_idx) == 0:
+    raise ValueError(f'{source} selects no image (an empty list, or a fraction too small for '
+                     'one patient)')
+  if len(split.retain_idx) == 0:
+    raise ValueError(f'{source} leaves no retain set')
+  n_retain = len(split.retain_idx)
+  batch_keys = ['train.batch_size'] + [f'{m}.batch_size' for m in ('cf_k', 'eu_k')
+                                       if config.method == m]
+  for key in batch_keys:
+    if int(config_lib.get(config, key)) > n_retain:
+      raise ValueError(f'{key}={config_lib.get(config, key)} is larger than the {n_retain} '
+                       'retain images it batches')
 
 
 # ------------------------------------------------------------------------------ reference models

@@ -9,8 +9,8 @@ checkpoints with exact resume, memory-aware chunking, progress and event logging
 Copies: each has its own seed (data order, dropout, noise) and its own config (lr, loss
 weights, ...), stacked on a leading axis. Copies that share a seed share their batches
 (`in_axes=None`, one data pass for all); otherwise each copy gets its own batch (stacked).
-N = 1 runs the step on the unstacked copy inside the same jitted program (no vmap): a plain
-run is exactly the single-model computation.
+N = 1 runs the method's own jitted step on the unstacked copy (no vmap): a plain run is bit
+for bit the single-model computation.
 """
 import dataclasses
 import logging
@@ -142,10 +142,10 @@ class _Program:
   inside the program changes XLA's rounding); the stacked form is made at epoch boundaries
   only, for the hooks and checkpoints. More copies are vmapped."""
 
-  def __init__(self, method, n):
+  def __init__(self, step, n, shared):
     self.single = n == 1
-    self.fn = (jax.jit(method.step, donate_argnums=_donate()) if self.single
-               else stacked_step(method.step, method.shared_batch))
+    self.fn = (jax.jit(step, donate_argnums=_donate()) if self.single
+               else stacked_step(step, shared))
 
   def enter(self, stacked):
     return _squeeze(stacked) if self.single else stacked
@@ -239,8 +239,10 @@ class Result:
 def _epoch_batches(method: Method, epoch: int):
   """One epoch's step batches for all copies: shared, or stacked per copy."""
   seeds = list(dict.fromkeys(method.seeds))
-  streams = {s: (method.prepare_batch(b, epoch, s) for b in method.seed_batches(epoch, s))
-             for s in seeds}
+  def stream(seed):
+    for batch in method.seed_batches(epoch, seed):
+      yield method.prepare_batch(batch, epoch, seed)
+  streams = {s: stream(s) for s in seeds}
   if len(seeds) == 1:
     yield from streams[seeds[0]]
     return
@@ -296,17 +298,20 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     memory = _measure(method, original)
   sizes = plan_chunks(n, (memory or {}).get('per_copy_bytes'), (memory or {}).get('fixed_bytes', 0),
                       memory_budget_bytes, chunk_size)
-  states, histories, start, resumed = [], [], 0, []
+  states, histories, start, resumed, programs = [], [], 0, [], {}
   for c, size in enumerate(sizes):
     chunk = method.copies[start:start + size]
     pad = max(sizes) - size
     sub = method if len(sizes) == 1 else method.with_copies(chunk + [chunk[-1]] * pad)
     # The folder names the layout: a rerun chunked otherwise never restores these copies.
-    sub_dir = ckpt_dir if len(sizes) == 1 else os.path.join(ckpt_dir,
-                                                            f'chunk{c}-of-{len(sizes)}')
+    name = f'chunk{c}-of-{len(sizes)}'
+    sub_dir = ckpt_dir if len(sizes) == 1 else os.path.join(ckpt_dir, name)
     label = desc if len(sizes) == 1 else f'{desc} [{c + 1}/{len(sizes)}]'
-    sub_tb = tb_dir if len(sizes) == 1 or not tb_dir else os.path.join(tb_dir, f'chunk{c}')
-    s, h, first = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb)
+    sub_tb = tb_dir if len(sizes) == 1 or not tb_dir else os.path.join(tb_dir, name)
+    key = (len(sub.copies), sub.shared_batch)  # chunks of one shape share one compiled step
+    if key not in programs:
+      programs[key] = _Program(method.step, *key)
+    s, h, first = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb, programs[key])
     resumed.append(first)
     states += s[:size]
     histories += h[:size]
@@ -341,7 +346,7 @@ def _write_events(writer, tags, first_step, metrics_per_step, epoch_scalars):
   writer.flush()
 
 
-def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir):
+def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program):
   n = len(method.copies)
   states = stack([method.init_state(original, c) for c in method.copies])
   hparams = stack([method.hparams(c) for c in method.copies])
@@ -355,7 +360,6 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir):
     log.info('%s: resuming after epoch %d from %s', desc, start - 1, ckpt_dir)
   states = parallel.replicate(states, mesh)
   shared = method.shared_batch
-  program = _Program(method, n)
   if start < method.epochs:
     method.prepare(original)
   global_step = sum(e['steps'] for e in histories[0])
