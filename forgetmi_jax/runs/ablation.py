@@ -368,6 +368,7 @@ def run_ablation(config, config_name='ablation'):
     if r.get('chunk_plan') and r['chunk_plan'] not in chunking:
       chunking.append(r['chunk_plan'])
   payload = build_payload(prep, rows, models, chunking, time.time() - t_start)
+  setup.log_eval_metrics(prep, {**models, **{r['setting_id']: r for r in rows}})
   write_outputs(prep.workdir, payload)
   return payload
 

@@ -157,6 +157,7 @@ def run_comparison(config, config_name='compare'):
     log.info('%s done: lr %g, %.1fs', name, lr, seconds[name])
   results, _ = evaluate_models(prep.model, prep.source, prep.split, states, seconds,
                                config.eval)
+  setup.log_eval_metrics(prep, results)
   for name in methods:
     results[name]['lr'] = lrs[name]
     if name in tuning:

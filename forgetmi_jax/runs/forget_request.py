@@ -24,7 +24,6 @@ from forgetmi_jax.models.interop import load_reference_checkpoint, save_referenc
 from forgetmi_jax.runs import setup
 from forgetmi_jax.train.checkpoints import (load_variables, load_variables_safetensors,
                                             save_variables, save_variables_safetensors)
-from forgetmi_jax.train.tensorboard import EventWriter
 
 log = logging.getLogger('forgetmi_jax')
 REFERENCE_SUFFIXES = ('.pth', '.pt', '.bin')
@@ -98,9 +97,9 @@ def run(config, config_name='forget_request'):
   payload = _evidence(prep, original, unlearned, summary, result, origin, t0, unlearn_seconds)
   payload['workdir'] = prep.workdir
   write_forget_report(payload, prep.workdir)
-  with EventWriter(os.path.join(prep.workdir, 'tensorboard', 'eval')) as writer:
-    writer.scalars(0, {'eval': {k: v for k, v in payload.get('utility', {}).items()
-                                if isinstance(v, (int, float))}}, strict=False)
+  utility = payload.get('utility', {})
+  setup.log_eval_metrics(prep, {'original': utility.get('before', {}),
+                                'unlearned': utility.get('after', {})})
   return payload
 
 

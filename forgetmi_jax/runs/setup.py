@@ -32,6 +32,7 @@ from forgetmi_jax.models.multimodal import build_model, init_variables
 from forgetmi_jax.train import cache as cache_lib
 from forgetmi_jax.train import loop, parallel
 from forgetmi_jax.train.checkpoints import load_variables, save_variables
+from forgetmi_jax.train.tensorboard import EventWriter
 from forgetmi_jax.train.trainer import TrainMethod
 from forgetmi_jax.unlearning import registry
 from forgetmi_jax.unlearning.method import UnlearnContext
@@ -306,3 +307,11 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   else:
     write_json_atomic({'seconds': result.seconds, 'fingerprint': key}, done)
   return result
+
+
+def log_eval_metrics(prep: Prepared, results: dict):
+  """The evaluation metrics of a run's models as TensorBoard scalars (`eval/<model>/<metric>`)."""
+  numbers = {m: {k: v for k, v in r.items() if isinstance(v, (int, float)) and
+                 not isinstance(v, bool)} for m, r in results.items()}
+  with EventWriter(os.path.join(prep.workdir, 'tensorboard', 'eval')) as writer:
+    writer.scalars(0, {'eval': numbers}, strict=False)

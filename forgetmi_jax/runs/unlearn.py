@@ -36,6 +36,7 @@ def run(config, config_name='run'):
              'cache_dir_relative': os.path.relpath(prep.cache_dir, prep.workdir),
              'history': {name: result.histories[0]},
              'wall_seconds': {'total': time.time() - t_start}}
+  setup.log_eval_metrics(prep, results)
   return write_run_outputs(prep.workdir, payload, losses, logits, set_labels(prep))
 
 
