@@ -14,7 +14,7 @@ its own. torch runs with torch.set_num_threads(2) (--torch-threads); XLA uses ev
 - text 'full': every one of max_len positions is a real token. 'real': each report's length is
   drawn from the synthetic cohort's report lengths (measured at start-up: the default
   tokenizer on 300 subjects' reports, untruncated, then cut at max_len), the same draws for
-  both implementations. JAX cuts each batch's text to the multiple of 16 at or above its
+  both implementations. JAX cuts each batch's text to the multiple of 32 at or above its
   longest report (forgetmi_jax.data.trim, one compilation per bucket, compiled before timing);
   torch (eager) cuts to the longest report exactly.
 - arch 'paper7' (default): the paper's 7-stage ResNet at every size (what the public code
@@ -70,7 +70,7 @@ def jax_worker(size, batch, path, text, steps, max_gb, dtype, arch, lengths_file
   step, state, hp, add_targets = S.package_step(model, v)
   batches = _batches(size, batch, text, steps, lengths_file)
   if text == 'real':
-    buckets = length_buckets(S.SIZES[size]['tokens'], kind='multiple', multiple=16)
+    buckets = length_buckets(S.SIZES[size]['tokens'], kind='multiple', multiple=32)
     batches = [trim_batch(b, buckets) for b in batches]
   if path == 'cached':
     batches = [add_targets(b) for b in batches]

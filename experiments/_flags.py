@@ -43,6 +43,9 @@ def parse_flags(argv):
   may have meant) on one line instead of ml_collections' traceback."""
   try:
     return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value: absl's one-line message, no traceback
+    sys.stderr.write(f'FATAL Flags parsing error: {e}\nnothing was run.\n')
+    sys.exit(2)
   except (AttributeError, KeyError) as e:
     text = str(e)
     hint = re.search(r'Did you mean \W*"(\w+)\W* instead of \W*"(\w+)', text)

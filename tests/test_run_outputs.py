@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from sklearn.svm import SVC
 
 from forgetmi_jax.data import synthetic
 from forgetmi_jax.runs import setup, unlearn
+from forgetmi_jax.train.checkpoints import CheckpointError
 from tests.helpers import tiny_config
 
 CANARY = 'zorbquaxitude'
@@ -106,3 +108,25 @@ def test_canary_is_nowhere(runs):
         if CANARY.encode() in f.read():
           hits.append(os.path.relpath(path, root))
   assert not hits, hits
+
+
+def test_evaluate_a_moved_workdir_and_a_truncated_checkpoint(runs, tmp_path):
+  root, first, _, _, _ = runs
+  moved = tmp_path / 'moved'
+  shutil.copytree(root, moved)  # the run and its cache (inside it), moved together
+  payload = unlearn.reevaluate(str(moved / 'a'))
+  assert payload['models']['forgetmi']['forget_auc'] == first['models']['forgetmi']['forget_auc']
+  assert not list((root / 'a').glob('metrics.json.*'))  # nothing written to the old place
+  # a truncated checkpoint: one error naming the folder, no retraining
+  ckpt = moved / 'a' / 'checkpoints' / 'forgetmi' / first['fingerprint']['forgetmi']
+  for path in ckpt.rglob('*'):
+    if path.is_file() and path.stat().st_size > 100 and 'DONE' not in path.name:
+      path.write_bytes(path.read_bytes()[:50])
+  with pytest.raises(CheckpointError, match=str(ckpt)):
+    unlearn.reevaluate(str(moved / 'a'))
+  # a moved run without its cache: an error naming the missing entry, never a retraining
+  lonely = tmp_path / 'lonely'
+  shutil.copytree(moved / 'a', lonely / 'a')
+  shutil.rmtree(lonely / 'a' / 'cache')  # tiny_config keeps the cache inside the workdir
+  with pytest.raises(FileNotFoundError, match='cached original model is missing'):
+    unlearn.reevaluate(str(lonely / 'a'))

@@ -13,6 +13,7 @@ random state leaks to or from the caller.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import random
@@ -171,7 +172,6 @@ class TextNoiser:
 
 def changed_word_fraction(a: str, b: str) -> float:
   """Share of a's words that are not at their place in b (a cheap edit-rate estimate)."""
-  import difflib
   wa, wb = a.split(), b.split()
   if not wa:
     return 0.0

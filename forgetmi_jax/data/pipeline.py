@@ -20,10 +20,13 @@ import math
 import os
 from typing import Callable, Iterator, Sequence
 
+import grain
+import jax
 import numpy as np
 import pandas as pd
 
 from forgetmi_jax.data.tokenizer import tokenizer_fingerprint
+from forgetmi_jax.io_utils import atomic_write
 
 BATCH_KEYS = ('image', 'input_ids', 'attention_mask', 'label', 'id', 'mask')
 _CACHE: 'collections.OrderedDict[tuple, dict]' = collections.OrderedDict()
@@ -77,7 +80,6 @@ def _encode(tokenizer, texts, max_len, chunk=4096):
 
 
 def _atomic_savez(path, **arrays):
-  from forgetmi_jax.io_utils import atomic_write
   atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -179,7 +181,6 @@ def noisy_token_table(source, cohort, forget_idx, noiser, num_draws: int, tokeni
 
 # -------------------------------------------------------------------------------- iterators
 def _read_options(num_threads: int, prefetch: int):
-  import grain
   return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
 
@@ -196,7 +197,6 @@ def batches(source: ExampleSource, indices, batch_size: int, *, seed: int | None
   source.get_batch, one vectorised read per batch) -> IterDataset with `num_threads` reader
   threads prefetching `prefetch` batches (num_threads=0: read in the caller's thread).
   """
-  import grain
   indices = np.asarray(indices, np.int64).reshape(-1)
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
@@ -226,7 +226,6 @@ def unlearning_batches(source: ExampleSource, forget_idx, retain_sampler, epoch:
   epoch), or None (then 'forget_noisy' holds the clean tokens with K = 1).
   Every step has exactly `batch_size` rows per set (padding masked, see module docstring).
   """
-  import grain
   forget = np.asarray(forget_idx, np.int64).reshape(-1)
   if len(forget) == 0:
     return iter(())
@@ -270,7 +269,6 @@ def shard(batch, num_devices: int, batch_axis: Callable[[tuple], int] | None = N
   Leaves under a 'forget_noisy' key have the example axis second ([K, b, L]) and become
   [D, K, b/D, L]. Pass `batch_axis(path) -> axis` to override.
   """
-  import jax
   if num_devices < 1:
     raise ValueError(f'num_devices must be >= 1, got {num_devices}')
 

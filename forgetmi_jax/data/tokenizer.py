@@ -13,6 +13,8 @@ rewrites it into an internal alias word whose WordPiece id is that token's id.
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ import tempfile
 from typing import Iterable
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 log = logging.getLogger('forgetmi_jax')
 
@@ -37,7 +40,6 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir, gr
   when at least `min_groups` patients use it, so a word only one patient's reports contain
   never appears in the saved vocabulary (it is spelled from characters instead).
   """
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
   import transformers
 
   normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
@@ -81,7 +83,6 @@ def _deterministic_vocab(texts, vocab_size, normalizer, pre_tokenizer, groups=No
   hash map, so two runs on the same texts give different vocabularies (and different token
   ids), which breaks the same-seed-same-numbers rule and the model cache.
   """
-  import collections
   counts = collections.Counter()
   users = collections.defaultdict(set)
   texts = list(texts)
@@ -126,7 +127,6 @@ def alias_noise_token(tokenizer, target: str | None = None) -> int | None:
   one: then `[NOISE]` stays plain text, split into ordinary in-vocabulary pieces.
   The alias lives in memory: `save_pretrained` does not keep it, `load_tokenizer` restores it.
   """
-  from tokenizers import models, normalizers
   vocab = tokenizer.get_vocab()
   if target is None:
     target = next((t for t in (tokenizer.mask_token, tokenizer.unk_token) if t and t in vocab),
@@ -182,7 +182,6 @@ def check_token_ids(input_ids, vocab_size: int, what: str = 'input_ids') -> None
 
 def tokenizer_fingerprint(tokenizer) -> str:
   """A stable hash of what decides token ids (class, vocabulary, special tokens)."""
-  import hashlib
   h = hashlib.sha1(type(tokenizer).__name__.encode())
   for tok, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
     h.update(f'{i}\t{tok}\n'.encode())

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from forgetmi_jax.data.pipeline import batches
 from forgetmi_jax.models.apply import forward
 
 HEAD_FIELDS = {'image': 'logits_img', 'joint': 'logits_joint', 'text': 'logits_txt'}
@@ -22,7 +23,6 @@ def make_predict_fn(apply_fn, head: str = 'image'):
 
 def predict_logits(predict, variables, source, indices, batch_size, desc=None):
   """Logits [len(indices), C] in the order of `indices`."""
-  from forgetmi_jax.data.pipeline import batches
   outs, ids = [], []
   total = -(-len(indices) // batch_size)
   it = batches(source, np.asarray(indices), batch_size, seed=None, pad_to_batch=True)

@@ -28,6 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +303,9 @@ def read_hf_weights(path: str) -> Dict[str, np.ndarray]:
   else:
     raise FileNotFoundError(f'{path}: no weights file (looked for {", ".join(_WEIGHT_FILES)})')
   if fname == 'model.safetensors':
-    from safetensors.numpy import load_file
     try:
       return load_file(fpath)
     except TypeError:  # bfloat16 tensors: numpy has no such dtype; read via jax, upcast
-      from safetensors import safe_open
       out = {}
       with safe_open(fpath, framework='flax') as f:
         for k in f.keys():
@@ -313,7 +314,6 @@ def read_hf_weights(path: str) -> Dict[str, np.ndarray]:
                               else t)
       return out
   if fname == 'flax_model.msgpack':
-    from flax import serialization
     with open(fpath, 'rb') as f:
       tree = serialization.msgpack_restore(f.read())
     return _flax_to_torch_names(tree)

@@ -10,7 +10,6 @@ import fcntl
 import json
 import os
 
-from forgetmi_jax.config import fingerprint  # noqa: F401  (re-exported: the cache's key)
 
 
 def entry_dir(cache_dir: str, kind: str, key: str) -> str:
