@@ -48,6 +48,7 @@ def build(arg):
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
   c.model.num_classes = 4
+  c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params/optimiser stay float32)
   c.model.image = ml_collections.ConfigDict()
   c.model.image.preset = 'fast64'  # 'paper' (2048x2048 exact), 'small128', 'small64', 'fast64', 'small32'
   c.model.text = ml_collections.ConfigDict()
