@@ -5,8 +5,8 @@ so that a shared machine's changing load hits both alike.
       [--path cached] [--text full]
 
 Prints per size: median step seconds of each dtype, bf16 / f32 time ratio, and the largest
-relative difference of the first step's four Forget-MI terms (same params, same batch). Parameters are float32
-in both (`model.dtype` only sets the compute dtype).
+relative difference of the first step's four Forget-MI terms (same params, same batch).
+Parameters are float32 in both (`model.dtype` only sets the compute dtype).
 """
 import argparse
 import os
@@ -34,7 +34,8 @@ def main():
   load = os.getloadavg()
   print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} cpus, load average {load[0]:.2f} / '
         f'{load[1]:.2f} / {load[2]:.2f}; path {args.path}, text {args.text}, batch {args.batch}')
-  print('| size | float32 s | bfloat16 s | bf16 / f32 time | max rel. diff of UR, UU, MU, MR | load |')
+  print('| size | float32 s | bfloat16 s | bf16 / f32 time | max rel. diff of UR, UU, MU, MR '
+        '| load |')
   print('|---|---|---|---|---|---|')
   for size in args.sizes.split(','):
     v = S.jax_model(size)[1]()

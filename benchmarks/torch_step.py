@@ -335,4 +335,4 @@ def load_flax_variables(model, variables):
     for k, v in state.items():
       if tuple(own[k].shape) != v.shape:
         raise ValueError(f'{k}: torch {tuple(own[k].shape)} vs flax {v.shape}')
-      own[k].copy_(torch.as_tensor(np.ascontiguousarray(v)))
+      own[k].copy_(torch.from_numpy(np.array(v, dtype=np.float32)))

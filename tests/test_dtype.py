@@ -15,11 +15,12 @@ import pytest
 from forgetmi_jax.models.multimodal import build_model, init_variables
 
 IMAGE, LEN, BATCH = 32, 16, 4
-# bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 %); a few layers of it give
-# errors of about 1 % of an output's scale. Tolerances are relative L2 errors ||a - b|| / ||b||.
-REL_OUTPUT = 0.05
-REL_LOSS = 0.03
-MIN_GRAD_COSINE = 0.98
+# bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 %). Measured here: outputs
+# differ by 0.5-1 % (relative L2, ||a - b|| / ||b||), the four Forget-MI terms by <= 0.1 %, the
+# gradients have cosine 0.999; the tolerances leave 3-10x room.
+REL_OUTPUT = 0.03
+REL_LOSS = 0.01
+MIN_GRAD_COSINE = 0.99
 
 
 def _model_cfg(dtype=None):

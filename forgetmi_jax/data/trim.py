@@ -106,7 +106,10 @@ def trim_length(batch: Mapping, buckets: Sequence[int]) -> int:
     shapes = {'/'.join(p): np.shape(v) for p, v in leaves}
     raise ValueError(f'text leaves have different padded lengths: {shapes}')
   padded = lengths.pop()
-  longest = max(real_length(v) for p, v in leaves if p[-1] == 'attention_mask')
+  masks = [v for p, v in leaves if p[-1] == 'attention_mask']
+  if not masks:
+    raise ValueError('batch has input_ids but no attention_mask: the length is read from masks')
+  longest = max(real_length(m) for m in masks)
   usable = sorted({int(b) for b in buckets if int(b) < padded} | {padded})
   return bucket_length(longest, usable)
 
