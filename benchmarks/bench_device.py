@@ -8,9 +8,9 @@ pipeline vs device-resident data).
 Defaults (CPU_RUNS / ACCEL_RUNS below): CPU: tiny at batch 16 (float32 live and cached,
 bfloat16 cached; full text only: nearly every report is cut at 32 tokens, so 'real' equals
 'full') and mid at batch 4 (cached; float32 and bfloat16, full and real text): 7 compilations
-of 10-40 s on XLA:CPU, about 3 minutes on an idle 2-core machine. GPU/TPU: paper size at
-batch 4, 8, 16 (float32 cached full; bfloat16 cached full and real, live full). Flags replace
-the plan by the product of the values given.
+of 10-50 s on XLA:CPU (10 minutes in all measured at load 4-6 on 2 cores; about 3 expected
+idle). GPU/TPU: paper size at batch 4, 8, 16 (float32 cached full; bfloat16 cached full and
+real, live full). Flags replace the plan by the product of the values given.
 - path 'live': the frozen original runs inside the step; 'cached': its outputs are inputs.
 - text 'full': every position real; 'real': report lengths drawn from the synthetic cohort's
   (see bench_unlearn_step.py), each batch cut to the multiple of 32 at or above its longest
