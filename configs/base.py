@@ -1,7 +1,7 @@
 """Every config key with its default. Variants import this and override.
 
 `get_config(arg)` follows big_vision: `--config configs/forgetmi_10pct.py:smoke` shrinks the
-cohort, model and schedule to a run of about a minute on 2 CPU cores. Every method has its own
+cohort, model and schedule to a run of a few minutes on 2 CPU cores. Every method has its own
 group (`config.forgetmi`, `config.scrub`, ...), named as in forgetmi_jax/unlearning/registry.py.
 """
 import ml_collections
@@ -168,8 +168,8 @@ def build(arg):
 
 
 def smoke(c):
-  """A tiny cohort (80 subjects, 32 px), model and schedule: the whole command in about a
-  minute on 2 CPU cores."""
+  """A tiny cohort (80 subjects, 32 px), model and schedule: the whole command in a few
+  minutes on 2 CPU cores."""
   for name in ('neggrad_plus', 'scrub', 'cf_k', 'eu_k', 'multidelete'):
     c[name].epochs = 2
     c[name].batch_size = 8
