@@ -18,6 +18,10 @@ def build(arg):
   """The config for a parsed arg (a ConfigDict with at least `smoke`)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # Seeds seed..seed+N-1: N retrained models and N unlearning runs per method, trained as
+  # stacked copies; every table reports mean +- 95 % CI over them (1 = a single-seed run).
+  c.num_seeds = 1
+  c.copies_per_program = 0  # stacked copies per compiled program: 0 = all that fit, 1 = sequential
   c.method = 'forgetmi'
   c.forget_fraction = 0.10
   c.workdir = ''  # default: runs/<config name>

@@ -99,6 +99,10 @@ def validate(config):
                   f'{sorted(LOSS_WEIGHT_PRESETS)}')
   if not config.data.forget_csv and not 0 < config.forget_fraction < 0.5:
     errors.append(f'forget_fraction={config.forget_fraction} must be in (0, 0.5)')
+  if int(config.num_seeds) < 1:
+    errors.append(f'num_seeds={config.num_seeds} must be >= 1')
+  if int(config.copies_per_program) < 0:
+    errors.append(f'copies_per_program={config.copies_per_program} must be >= 0 (0 = automatic)')
   positive = ['data.image_size', 'data.max_text_len', 'train.epochs', 'train.batch_size',
               'forgetmi.noise.num_draws', 'eval.batch_size']
   for name in registry.names():
@@ -124,6 +128,12 @@ def validate(config):
   if errors:
     raise ValueError('invalid config:\n  ' + '\n  '.join(errors))
   return config
+
+
+def seeds(config):
+  """The run's seeds: `seed, seed + 1, ...` (`num_seeds` of them; 0..N-1 by default). Seed i
+  retrains model i and runs unlearning copy i; the cohort and the original come from `seed`."""
+  return [int(config.seed) + i for i in range(int(config.num_seeds))]
 
 
 # ------------------------------------------------------------------------------ fingerprints

@@ -67,8 +67,47 @@ def smoke_run(tmp_path_factory):
   with config.unlocked():
     config.workdir = str(root / 'run')
     config.cache_dir = str(root / 'cache')
+    config.num_seeds = 2
   payload = compare.run_comparison(config, 'compare_smoke')
   return root, payload
+
+
+def test_smoke_comparison_over_two_seeds(smoke_run):
+  root, payload = smoke_run
+  with open(root / 'run' / 'comparison.json') as f:
+    saved = json.load(f)
+  assert saved['seeds'] == 2
+  names = ['original', 'retrain'] + list(registry.names())
+  assert list(saved['summary']) == names
+  for name in names:
+    s = saved['summary'][name]
+    n = 1 if name == 'original' else 2
+    for k in ('mia', 'forget_auc', 'forget_f1', 'test_auc', 'test_f1', 'distance_to_retrain',
+              'avg_gap'):
+      assert len(s[k]['values']) == n, (name, k)
+    # seed 0's values are the single-seed table's (gaps aside: those use the mean retrain)
+    assert s['mia']['values'][0] == saved['models'][name]['mia']
+    assert s['mia']['mean'] == pytest.approx(np.mean(s['mia']['values']))
+    if n == 2 and None not in s['test_f1']['values']:
+      lo, hi = s['test_f1']['ci95']
+      assert lo <= s['test_f1']['mean'] <= hi
+  for name in registry.names():  # the retrain-distribution metrics, per example and patient
+    for k in ('klom_p95_forget', 'klom_p95_retain', 'klom_p95_test', 'eps_score', 'ulira_auc',
+              'ulira_tpr_at_1pct_fpr', 'ulira_tpr_at_5pct_fpr', 'klom_p95_forget_patient',
+              'eps_score_patient', 'ulira_auc_patient', 'ulira_tpr_at_1pct_fpr_patient'):
+      assert k in saved['summary'][name], (name, k)
+    assert saved['summary'][name]['klom_p95_forget'] >= 0
+    # two models per side are no distribution for the attack and the epsilon buckets:
+    # null (a logged warning), not a number
+    assert saved['summary'][name]['ulira_auc'] is None
+  # two retrained models: each against the other is the noise floor (> 0: seeds differ)
+  floor = saved['summary']['retrain']['avg_gap']['values']
+  assert floor[0] == pytest.approx(floor[1]) and floor[0] > 0
+  md = (root / 'run' / 'comparison.md').read_text()
+  assert 'Over 2 seeds (mean ± 95 % CI)' in md and 'noise floor' in md
+  assert (root / 'run' / 'retrain_distribution.png').stat().st_size > 10000
+  with np.load(root / 'run' / 'distributional.npz') as z:
+    assert z['forgetmi/klom_forget'].shape == (saved['models']['forgetmi']['n_forget'],)
 
 
 def test_smoke_comparison_writes_all_models(smoke_run):

@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from forgetmi_jax.evaluation.gaps import METRIC_KEYS, retrain_gaps
+from forgetmi_jax.evaluation.seeds import format_interval
 from forgetmi_jax.io_utils import atomic_write
 from forgetmi_jax.unlearning import registry
 
@@ -261,6 +262,64 @@ NOTES = """\
 """
 
 
+DISTRIBUTION_COLUMNS = (
+    ('klom_p95_forget', 'KLoM p95 forget'), ('klom_p95_retain', 'KLoM p95 retain'),
+    ('klom_p95_test', 'KLoM p95 test'), ('eps_score', 'Eps. score'),
+    ('ulira_auc', 'U-LiRA AUC'), ('ulira_tpr_at_1pct_fpr', 'TPR@1%'),
+    ('ulira_tpr_at_5pct_fpr', 'TPR@5%'))
+PATIENT_COLUMNS = (
+    ('klom_p95_forget_patient', 'KLoM p95'), ('eps_score_patient', 'Eps. score'),
+    ('ulira_auc_patient', 'U-LiRA AUC'), ('ulira_tpr_at_1pct_fpr_patient', 'TPR@1%'),
+    ('ulira_tpr_at_5pct_fpr_patient', 'TPR@5%'))
+
+SEED_NOTES = """\
+Cells are mean ± half-width of the 95 % t interval over the seeds (scipy.stats.t.interval).
+Gaps and distances of a run are taken against the mean of the retrained models; the retrain
+row holds each retrained model against the mean of the others: its Avg. gap is the noise floor,
+the least any method can be expected to reach. Retrain-distribution metrics (one number per
+method from all its seeds and all retrained models; see README "Results over seeds"): KLoM = KL
+divergence of each example's margin distribution, unlearned vs retrained (p95 over examples;
+0 = indistinguishable); Eps. score = the NeurIPS 2023 unlearning competition's forget quality
+times RA/RA_retrain x TA/TA_retrain (1 = best); U-LiRA = a per-example likelihood-ratio attack
+telling an unlearned model from a retrained one on forget examples (AUC 0.5 = chance). Patient
+level: each forgotten patient counts as exposed as their most exposed image. With a handful of
+seeds these estimators sit far from their ideal values even for identical distributions, so read
+a method against the chance-level row: the same metrics with both sides drawn, per example, from
+a normal fitted to the retrained models' margins, at the run's number of seeds."""
+
+
+def seed_section(summary, n_seeds):
+  """Markdown: mean ± CI per model and metric, then the retrain-distribution metrics."""
+  cols = METRIC_KEYS + ('distance_to_retrain', 'avg_gap')
+  rows = []
+  for name in ordered_models(summary):
+    s = summary[name]
+    n = len((s.get('mia') or {}).get('values') or [])
+    secs = (s.get('seconds') or {}).get('mean')
+    rows.append([display_name(name), n] + [format_interval(s.get(k)) for k in cols] +
+                [_seconds(secs)])
+  headers = ['Model', 'Seeds', 'MIA', 'Forget AUC', 'Forget F1', 'Test AUC', 'Test F1',
+             'Dist. to retrain', 'Avg. gap', 'Seconds']
+  parts = [f'## Over {n_seeds} seeds (mean ± 95 % CI)',
+           markdown_table(headers, rows, align=['l'] + ['r'] * 9)]
+  methods = [m for m in ordered_models(summary) if m != 'original'
+             and any(k in summary[m] for k, _ in DISTRIBUTION_COLUMNS)]
+  if methods:
+    label = {m: display_name(m) for m in methods}
+    label['retrain'] = 'Chance level (retrained vs retrained, simulated)'
+
+    parts.append('### Against the distribution of retrained models (per example)')
+    parts.append(markdown_table(['Method'] + [c for _, c in DISTRIBUTION_COLUMNS],
+                                [[label[m]] + [summary[m].get(k) for k, _ in
+                                               DISTRIBUTION_COLUMNS] for m in methods]))
+    parts.append('### Per forgotten patient (max over their images)')
+    parts.append(markdown_table(['Method'] + [c for _, c in PATIENT_COLUMNS],
+                                [[label[m]] + [summary[m].get(k) for k, _ in
+                                               PATIENT_COLUMNS] for m in methods]))
+  parts.append(SEED_NOTES)
+  return '\n\n'.join(p.strip('\n') for p in parts) + '\n'
+
+
 def build_report(metrics, title='Forget-MI evaluation'):
   """The report's markdown text (see `write_report`)."""
   models = metrics.get('models') or {}
@@ -277,7 +336,8 @@ def build_report(metrics, title='Forget-MI evaluation'):
   # Other top-level fields (e.g. wall_seconds): their scalars only; lists such as training
   # histories are for notebooks, not the report.
   other = {k: v for k, v in _flatten({k: v for k, v in metrics.items()
-                                      if k not in ('models', 'config', 'forget_fraction')}).items()
+                                      if k not in ('models', 'config', 'forget_fraction',
+                                                   'summary')}).items()
            if not isinstance(v, (dict, list))}
   if len(other) > 30:
     other = dict(list(other.items())[:30] + [('…', f'{len(other) - 30} more in metrics.json')])
@@ -291,6 +351,9 @@ def build_report(metrics, title='Forget-MI evaluation'):
       parts.append('\nNo retrained model in this run: gaps cannot be computed.\n')
   else:
     parts.append('No models were evaluated.\n')
+
+  if metrics.get('summary') and int(metrics.get('seeds') or 1) > 1:
+    parts.append(seed_section(metrics['summary'], int(metrics['seeds'])))
 
   if paper_f is not None:
     parts.append(f'\n## Paper, Table 1 ({round(100 * paper_f)} % forget set)\n')
@@ -420,6 +483,46 @@ def write_run_outputs(workdir, payload: dict, losses: dict, logits=None, labels=
   flat.update({f'labels/{s}': v for s, v in (labels or {}).items()})
   atomic_write(os.path.join(workdir, 'losses.npz'), lambda f: np.savez(f, **flat))
   write_report(payload, os.path.join(workdir, 'report.md'), title=title)
-  plot_loss_histograms({m: {'test': d['test'], 'forget': d['forget']} for m, d in losses.items()},
+  plot_loss_histograms({m: {'test': d['test'], 'forget': d['forget']} for m, d in losses.items()
+                        if '@' not in m},  # seed 0 of each model (the others: losses.npz)
                        os.path.join(workdir, 'loss_histograms.png'))
   return payload
+
+
+def write_seed_outputs(workdir, per_example):
+  """Per-example retrain-distribution metrics (distributional.npz: '<method>/<metric>') and
+  their figure (retrain_distribution.png), when the run has them (num_seeds >= 2)."""
+  if not per_example:
+    return None
+  flat = {f'{m}/{k}': v for m, d in per_example.items() for k, v in d.items()}
+  atomic_write(os.path.join(workdir, 'distributional.npz'), lambda f: np.savez(f, **flat))
+  return plot_retrain_distribution(per_example, os.path.join(workdir,
+                                                             'retrain_distribution.png'))
+
+
+def plot_retrain_distribution(per_example, path):
+  """Left: per-example KLoM on the forget set, per method (ECDF); right: per forgotten
+  patient, the max over their images. A curve far left = close to retraining."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  panels = (('klom_forget', 'forget images'), ('klom_forget_patient', 'forgotten patients'))
+  for ax, (key, what) in zip(axes, panels):
+    for j, (name, d) in enumerate(per_example.items()):
+      v = np.sort(np.asarray(d.get(key, []), np.float64))
+      v = v[np.isfinite(v)]
+      if v.size:
+        ax.step(v, np.arange(1, v.size + 1) / v.size, where='post', label=display_name(name),
+                color=plt.cm.tab10(j % 10))
+    ax.set_xscale('symlog', linthresh=0.1)
+    ax.set_xlabel('KLoM (KL of margin distributions, unlearned vs retrained)')
+    ax.set_ylabel(f'fraction of {what}')
+    ax.set_title(f'KLoM per {what.split()[-1][:-1]}')
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8, frameon=False)
+  fig.suptitle('Distance to the retrained models, per example and per patient (left = closer)')
+  fig.tight_layout()
+  atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=120))
+  plt.close(fig)
+  return os.fspath(path)

@@ -26,9 +26,10 @@ import time
 import numpy as np
 
 
+from forgetmi_jax import config as config_lib
 from forgetmi_jax.config import method_config
 from forgetmi_jax.evaluation import report
-from forgetmi_jax.evaluation.evaluate import evaluate_models
+from forgetmi_jax.evaluation.evaluate import evaluate_runs
 from forgetmi_jax.evaluation.evaluator import make_predict_fn, predict_logits
 from forgetmi_jax.evaluation.gaps import retrain_gaps
 from forgetmi_jax.evaluation.metrics import classification_metrics
@@ -95,12 +96,15 @@ def with_lr(config, name, lr):
   return config
 
 
-def run_or_reuse(prep, original, name, tag):
-  """Run method `name` (or reload a finished run of the same fingerprint, which reports the
-  run's own seconds); (variables, seconds, history)."""
-  result = setup.run_method(prep, original, name,
+def run_or_reuse(prep, original, name, tag, seeds=None):
+  """Run method `name` once per seed as stacked copies (or reload a finished run of the same
+  fingerprint, which reports the run's own seconds); (variables per seed, seconds per seed:
+  each copy's share of the program's time, histories per seed)."""
+  copies = setup.copies_of(prep.config, name, seeds)
+  result = setup.run_method(prep, original, name, copies=copies,
                             ckpt_root=os.path.join(prep.workdir, 'checkpoints', tag))
-  return result.states[0].variables, result.seconds, result.histories[0]
+  share = result.seconds / len(copies)
+  return ([s.variables for s in result.states], [share] * len(copies), result.histories)
 
 
 def image_f1(prep, predict, variables, indices, labels):
@@ -119,7 +123,7 @@ def tune(prep, original, name, cc):
   records = []
   for lr in lr_grid(preset, cc.lr_factors):
     p = dataclasses.replace(prep, config=with_lr(prep.config, name, lr), split=tune_split)
-    state, seconds, _ = run_or_reuse(p, original, name, 'tune')
+    (state,), (seconds,), _ = run_or_reuse(p, original, name, 'tune')
     val_f1 = image_f1(prep, predict, state, val_idx, labels)
     forget_f1 = image_f1(prep, predict, state, prep.split.forget_idx, labels)
     records.append({'lr': lr, 'val_f1': val_f1, 'forget_f1': forget_f1,
@@ -141,48 +145,64 @@ def run_comparison(config, config_name='compare'):
   unknown = sorted(set(methods) - set(registry.names()))
   if unknown:
     raise ValueError(f'compare.methods has unknown names {unknown} (known: {registry.names()})')
-  (original,), (t_orig,) = setup.train_or_load(prep, 'original')
-  (retrain,), (t_retrain,) = setup.train_or_load(prep, 'retrain')
-  states, seconds = {'original': original, 'retrain': retrain}, {'original': t_orig,
-                                                                 'retrain': t_retrain}
-  tuning, histories, lrs = {}, {}, {}
+  seeds = config_lib.seeds(config)
+  (original,), t_orig = setup.train_or_load(prep, 'original')
+  retrains, t_retrain = setup.train_or_load(prep, 'retrain', seeds=seeds)
+  states, seconds = {'original': [original], 'retrain': retrains}, {'original': t_orig,
+                                                                    'retrain': t_retrain}
+  tuning, histories, lrs, walls = {}, {}, {}, {}
   for name in methods:
     lr = float(method_config(config, name).lr)
     if cc.tune:
       tuning[name] = tune(prep, original, name, cc)
       lr = tuning[name]['selected_lr']
     p = dataclasses.replace(prep, config=with_lr(prep.config, name, lr))
-    states[name], seconds[name], histories[name] = run_or_reuse(p, original, name, 'final')
+    states[name], seconds[name], hist = run_or_reuse(p, original, name, 'final', seeds)
+    histories[name] = hist[0]
     lrs[name] = lr
-    log.info('%s done: lr %g, %.1fs', name, lr, seconds[name])
-  results, _ = evaluate_models(prep.model, prep.source, prep.split, states, seconds,
-                               config.eval)
-  setup.log_eval_metrics(prep, results)
+    walls[name] = float(sum(seconds[name]))
+    log.info('%s done: lr %g, %.1fs for %d seed(s)', name, lr, walls[name], len(seeds))
+  results, _, _, summary, per_example = evaluate_runs(
+      prep.model, prep.source, prep.split, states, seconds, config.eval, prep.cohort.subject_id)
+  names = [k for k in ('original', 'retrain') + registry.names() if k in states]
+  models = {k: results[k] for k in names}  # seed 0: the single-seed table, unchanged
+  setup.log_eval_metrics(prep, models)
   for name in methods:
-    results[name]['lr'] = lrs[name]
+    models[name]['lr'] = lrs[name]
     if name in tuning:
-      results[name]['tuning_seconds'] = tuning[name]['seconds']
+      models[name]['tuning_seconds'] = tuning[name]['seconds']
+  walls['retrain'] = float(sum(t_retrain))
   payload = {
       'forget_fraction': prep.forget_fraction,
-      'models': {k: results[k] for k in ('original', 'retrain') + registry.names()
-                 if k in results},
+      'seeds': len(seeds),
+      'models': models,
+      'summary': {k: summary[k] for k in names},
       'tuning': {'enabled': bool(cc.tune), 'criterion': CRITERION,
                  'lr_factors': [float(f) for f in cc.lr_factors],
                  'val_fraction': float(cc.val_fraction), 'methods': tuning},
       'history': histories,
-      'wall_seconds': {'total': time.time() - t_start},
+      'wall_seconds': {'total': time.time() - t_start,
+                       **{f'{k}_all_seeds': v for k, v in walls.items()}},
   }
   paper_f = report.nearest_paper_fraction(payload['forget_fraction'])
   payload['paper'] = {'fraction': paper_f, 'models': report.PAPER_TABLE1[paper_f]}
-  payload['ordering'] = orderings(payload['models'], payload['paper']['models'], methods)
+  if len(seeds) > 1:  # rank by the means over seeds (and the mean of each seed's avg. gap)
+    means = {k: {m: v['mean'] for m, v in summary[k].items() if isinstance(v, dict)}
+             for k in names}
+    payload['ordering'] = orderings(means, payload['paper']['models'], methods,
+                                    avg_gaps={k: means[k]['avg_gap'] for k in names})
+  else:
+    payload['ordering'] = orderings(payload['models'], payload['paper']['models'], methods)
   payload['config'] = config.to_dict()
   write_outputs(prep.workdir, payload)
+  report.write_seed_outputs(prep.workdir, per_example)
   return payload
 
 
-def orderings(ours, paper, methods):
+def orderings(ours, paper, methods, avg_gaps=None):
   """Methods ranked by avg. gap to retrain, and who forgets most (lowest MIA, lowest forget
-  F1; every method tied at the minimum is listed), here and in the paper."""
+  F1; every method tied at the minimum is listed), here and in the paper. `avg_gaps` gives
+  ours directly (over seeds: the mean of each seed's gap, not the gap of the means)."""
   def lowest(models, names, key):
     values = {m: models[m].get(key) for m in names if models[m].get(key) is not None}
     if not values:
@@ -190,15 +210,16 @@ def orderings(ours, paper, methods):
     best = min(values.values())
     return [m for m in names if m in values and values[m] <= best + 1e-12]
 
-  def summary(models):
+  def summary(models, given=None):
     if 'retrain' not in models:
       return {}
     names = [m for m in methods if m in models]
-    gap = {m: retrain_gaps(models[m], models['retrain'])['avg_gap'] for m in names}
+    gap = {m: (given[m] if given else retrain_gaps(models[m], models['retrain'])['avg_gap'])
+           for m in names}
     return {'by_avg_gap': sorted(names, key=lambda m: gap[m] if gap[m] is not None else math.inf),
             'lowest_mia': lowest(models, names, 'mia'),
             'lowest_forget_f1': lowest(models, names, 'forget_f1')}
-  return {'ours': summary(ours), 'paper': summary(paper)}
+  return {'ours': summary(ours, avg_gaps), 'paper': summary(paper)}
 
 
 def build_markdown(payload):
@@ -211,7 +232,8 @@ def build_markdown(payload):
     models[name] = m
   # The configuration stays in comparison.json; the markdown ends with the comparison itself.
   summary = {'forget_fraction': payload['forget_fraction'], 'models': models,
-             'wall_seconds': payload.get('wall_seconds', {})}
+             'wall_seconds': payload.get('wall_seconds', {}),
+             'seeds': payload.get('seeds', 1), 'summary': payload.get('summary')}
   parts = [report.build_report(summary, title='Unlearning comparison')]
   tuning = payload.get('tuning') or {}
   parts.append('## Learning-rate selection')

@@ -196,7 +196,9 @@ def train_or_load(prep: Prepared, kind: str, seeds=None, allow_training=True):
   """The original ('original', all non-TEST) or retrained ('retrain', retain only) models for
   `seeds` (default: the config's seed), loaded from the cache or trained as stacked copies.
 
-  Returns (variables per seed, seconds per seed: the training time that made each).
+  Each seed is its own cache entry, so asking for seeds 0..4 after 0..2 trains only 3 and 4.
+  Returns (variables per seed, seconds per seed: each model's share of the program that
+  trained it, i.e. the program's wall time over the copies it trained together).
   """
   seeds = [int(prep.config.seed)] if seeds is None else [int(s) for s in seeds]
   indices = prep.non_test_idx if kind == 'original' else prep.split.retain_idx
@@ -217,7 +219,8 @@ def train_or_load(prep: Prepared, kind: str, seeds=None, allow_training=True):
   like = prep.init_variables(seeds[0])
   for s in seeds:
     variables.append(load_variables(os.path.join(paths[s], 'variables'), like))
-    seconds.append(float(cache_lib.read_meta(paths[s])['seconds']))
+    meta = cache_lib.read_meta(paths[s])
+    seconds.append(float(meta['seconds']) / int(meta.get('stacked_copies', 1)))
     log.info('%s model (seed %d) from cache %s', kind, s, paths[s])
   return variables, seconds
 
@@ -229,6 +232,7 @@ def _train(prep, kind, indices, seeds, paths, group_dir):
                        data_seed_offset=0 if kind == 'original' else 1)
   result = loop.run(method, None, os.path.join(group_dir, 'ckpt'), mesh=prep.mesh,
                     desc=f'train {kind}' + (f' x{len(seeds)}' if len(seeds) > 1 else ''),
+                    chunk_size=int(prep.config.copies_per_program),
                     tb_dir=os.path.join(prep.workdir, 'tensorboard', f'train_{kind}'))
   for s, state in zip(seeds, result.states):
     save_variables(os.path.join(paths[s], 'variables'), state.variables)
@@ -292,6 +296,7 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   key, _ = run_fingerprint(prep, name, copies)
   ckpt_dir = os.path.join(ckpt_root or os.path.join(prep.workdir, 'checkpoints'), name, key)
   loop_kwargs.setdefault('tb_dir', os.path.join(prep.workdir, 'tensorboard', name, key))
+  loop_kwargs.setdefault('chunk_size', int(prep.config.copies_per_program))
   result = loop.run(method, original, ckpt_dir, mesh=prep.mesh, desc=f'unlearn {name}',
                     **loop_kwargs)
   steps = [sum(e['steps'] for e in h) for h in result.histories]

@@ -8,8 +8,9 @@ import time
 import ml_collections
 import numpy as np
 
-from forgetmi_jax.evaluation.evaluate import evaluate_models
-from forgetmi_jax.evaluation.report import read_metrics, write_run_outputs
+from forgetmi_jax import config as config_lib
+from forgetmi_jax.evaluation.evaluate import evaluate_runs
+from forgetmi_jax.evaluation.report import read_metrics, write_run_outputs, write_seed_outputs
 from forgetmi_jax.runs import setup
 from forgetmi_jax.train import loop
 from forgetmi_jax.train.checkpoints import Checkpoints
@@ -22,21 +23,28 @@ def run(config, config_name='run'):
   """The main command: returns the metrics.json payload."""
   t_start = time.time()
   prep = setup.prepare(config, config_name)
-  (original,), (t_orig,) = setup.train_or_load(prep, 'original')
-  (retrain,), (t_retrain,) = setup.train_or_load(prep, 'retrain')
+  seeds = config_lib.seeds(config)
+  (original,), t_orig = setup.train_or_load(prep, 'original')
+  retrains, t_retrain = setup.train_or_load(prep, 'retrain', seeds=seeds)
   name = config.method
-  result = setup.run_method(prep, original)
-  results, losses, logits = evaluate_models(
-      prep.model, prep.source, prep.split,
-      {'original': original, 'retrain': retrain, name: result.states[0].variables},
-      {'original': t_orig, 'retrain': t_retrain, name: result.seconds}, config.eval,
-      return_logits=True)
-  payload = {'forget_fraction': prep.forget_fraction, 'models': results,
-             'config': config.to_dict(), 'fingerprint': {name: result.fingerprint},
+  copies = setup.copies_of(config, name, seeds)
+  result = setup.run_method(prep, original, copies=copies)
+  runs = {'original': [original], 'retrain': retrains, name: [s.variables for s in result.states]}
+  seconds = {'original': t_orig, 'retrain': t_retrain,
+             name: [result.seconds / len(copies)] * len(copies)}
+  results, losses, logits, summary, per_example = evaluate_runs(
+      prep.model, prep.source, prep.split, runs, seconds, config.eval, prep.cohort.subject_id)
+  models = {k: results[k] for k in runs}  # seed 0: the single-seed table, unchanged
+  payload = {'forget_fraction': prep.forget_fraction, 'seeds': len(seeds), 'models': models,
+             'summary': summary, 'config': config.to_dict(),
+             'fingerprint': {name: result.fingerprint},
              'cache_dir_relative': os.path.relpath(prep.cache_dir, prep.workdir),
              'history': {name: result.histories[0]},
-             'wall_seconds': {'total': time.time() - t_start}}
-  setup.log_eval_metrics(prep, results)
+             'wall_seconds': {'total': time.time() - t_start,
+                              'retrain_all_seeds': float(sum(t_retrain)),
+                              f'{name}_all_seeds': float(result.seconds)}}
+  setup.log_eval_metrics(prep, models)
+  write_seed_outputs(prep.workdir, per_example)
   return write_run_outputs(prep.workdir, payload, losses, logits, set_labels(prep))
 
 
@@ -64,23 +72,44 @@ def reevaluate(workdir):
     if 'cache_dir_relative' in old:
       config.cache_dir = os.path.normpath(os.path.join(workdir, old['cache_dir_relative']))
   prep = setup.prepare(config)
+  seeds = config_lib.seeds(config)
   (original,), _ = setup.train_or_load(prep, 'original', allow_training=False)
-  (retrain,), _ = setup.train_or_load(prep, 'retrain', allow_training=False)
+  retrains, _ = setup.train_or_load(prep, 'retrain', seeds=seeds, allow_training=False)
   name = config.method
-  copies = setup.copies_of(config, name)
+  copies = setup.copies_of(config, name, seeds)
   key, _ = setup.run_fingerprint(prep, name, copies)
   ckpt_dir = os.path.join(workdir, 'checkpoints', name, key)
   if not os.path.isdir(ckpt_dir):
     raise FileNotFoundError(f'no checkpoints of this run in {ckpt_dir}')
   method = registry.get(name)(setup.make_context(prep, with_noisy_text=False), copies)
-  ckpt = Checkpoints(ckpt_dir)
-  states, _ = ckpt.restore(loop.stack([method.init_state(original, copies[0])]))
-  ckpt.close()
-  unlearned = loop.unstack(states, 1)[0].variables
-  seconds = {k: v.get('seconds') for k, v in old['models'].items()}
-  results, losses, logits = evaluate_models(
-      prep.model, prep.source, prep.split,
-      {'original': original, 'retrain': retrain, name: unlearned}, seconds, config.eval,
-      return_logits=True)
-  payload = dict(old, models=results)
+  unlearned = [s.variables for s in restore_copies(method, original, ckpt_dir)]
+  old_summary = old.get('summary') or {}
+  seconds = {k: (old_summary.get(k, {}).get('seconds') or {}).get('values')
+             or [v.get('seconds')] for k, v in old['models'].items()}
+  runs = {'original': [original], 'retrain': retrains, name: unlearned}
+  results, losses, logits, summary, per_example = evaluate_runs(
+      prep.model, prep.source, prep.split, runs, seconds, config.eval, prep.cohort.subject_id)
+  payload = dict(old, models={k: results[k] for k in runs}, summary=summary)
+  write_seed_outputs(workdir, per_example)
   return write_run_outputs(workdir, payload, losses, logits, set_labels(prep))
+
+
+def restore_copies(method, original, ckpt_dir):
+  """The copies' last states from a finished run's checkpoints, in one folder or in the
+  `chunk{c}-of-{k}` folders of a chunked run (each chunk padded to the largest)."""
+  n = len(method.copies)
+  chunked = sorted(d for d in os.listdir(ckpt_dir) if d.startswith('chunk'))
+  k = int(chunked[0].split('-of-')[1]) if chunked else 1
+  sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+  states, start = [], 0
+  for c, size in enumerate(sizes):
+    chunk = method.copies[start:start + size]
+    chunk = chunk + [chunk[-1]] * (max(sizes) - size)
+    ckpt = Checkpoints(ckpt_dir if k == 1 else os.path.join(ckpt_dir, f'chunk{c}-of-{k}'))
+    try:
+      restored, _ = ckpt.restore(loop.stack([method.init_state(original, cp) for cp in chunk]))
+    finally:
+      ckpt.close()
+    states += loop.unstack(restored, len(chunk))[:size]
+    start += size
+  return states
