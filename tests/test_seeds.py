@@ -93,3 +93,26 @@ def test_the_cache_trains_only_the_seeds_it_lacks(tmp_path, monkeypatch):
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(alone[0]),
                                                   jax.tree.leaves(again[2])))
   assert not np.array_equal(jax.tree.leaves(again[1])[0], jax.tree.leaves(again[2])[0])
+
+
+def test_unlearn_over_two_seeds_and_reevaluate_chunked_copies(tmp_path):
+  """The main command with num_seeds=2, its two Forget-MI copies run one per program (two
+  checkpoint chunks): the summary holds both seeds, and re-evaluating the saved checkpoints
+  gives the same numbers."""
+  from forgetmi_jax.runs import unlearn
+  config = tiny_config(tmp_path / 'a', num_seeds=2, copies_per_program=1,
+                       **{'train.epochs': 1})
+  first = unlearn.run(config)
+  assert first['seeds'] == 2
+  ckpt = tmp_path / 'a' / 'checkpoints' / 'forgetmi' / first['fingerprint']['forgetmi']
+  assert sorted(p.name for p in ckpt.glob('chunk*')) == ['chunk0-of-2', 'chunk1-of-2']
+  s = first['summary']
+  assert len(s['forgetmi']['forget_f1']['values']) == 2 and len(s['original']['mia']['values']) == 1
+  assert s['forgetmi']['mia']['values'][0] == first['models']['forgetmi']['mia']
+  assert s['forgetmi']['forget_f1']['values'][0] != s['forgetmi']['forget_f1']['values'][1] or \
+      s['forgetmi']['test_auc']['values'][0] != s['forgetmi']['test_auc']['values'][1]
+  again = unlearn.reevaluate(str(tmp_path / 'a'))
+  for name in ('original', 'retrain', 'forgetmi'):
+    for k in ('mia', 'forget_auc', 'test_f1', 'avg_gap', 'seconds'):
+      assert again['summary'][name][k]['values'] == s[name][k]['values'], (name, k)
+  assert 'Over 2 seeds' in (tmp_path / 'a' / 'report.md').read_text()
