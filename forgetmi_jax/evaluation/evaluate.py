@@ -82,7 +82,7 @@ def evaluate_runs(model, source, split, runs: dict, seconds: dict, eval_cfg, sub
   Returns (results, losses, logits, summary, per_example): the first three flat over
   `run_key(name, i)` as `evaluate_models` gives them (seed 0's rows are the single-seed
   run's); `summary` {name: {metric: interval or number}}; `per_example` {name: arrays} of the
-  distributional metrics (for the figure and losses.npz; never in a JSON report).
+  distributional metrics (for the figure and distributional.npz; never in a JSON report).
   """
   flat = {run_key(n, i): v for n, vs in runs.items() for i, v in enumerate(vs)}
   flat_seconds = {run_key(n, i): t for n, ts in seconds.items() for i, t in enumerate(ts)}
@@ -96,33 +96,31 @@ def evaluate_runs(model, source, split, runs: dict, seconds: dict, eval_cfg, sub
   retrains = runs.get(retrain_key, [])
   labels = np.asarray(source.labels)
   sets = {'retain': split.retain_idx, 'test': split.test_idx, 'forget': split.forget_idx}
-  for name, vs in runs.items():
-    if name in ('original', retrain_key) or len(vs) < 2 or len(retrains) < 2:
-      continue
-    margin = {who: {s: np.stack([distributional.margins(logits[run_key(who, i)][s],
-                                                        labels[idx]) for i in range(n)])
-                    for s, idx in sets.items()}
-              for who, n in ((name, len(vs)), (retrain_key, len(retrains)))}
-    acc = {k: float(summary[n][k]['mean']) for n, k in
-           ((name, 'retain_acc'), (name, 'test_acc'))}
-    acc_r = {k: float(summary[retrain_key][k]['mean']) for k in ('retain_acc', 'test_acc')}
-    groups = np.asarray(subject_id)[split.forget_idx]
+  groups = np.asarray(subject_id)[split.forget_idx]
+
+  def margins_of(who, n):  # {set: [n models, examples]}
+    return {s: np.stack([distributional.margins(logits[run_key(who, i)][s], labels[idx])
+                         for i in range(n)]) for s, idx in sets.items()}
+  methods = [n for n, vs in runs.items()
+             if n not in ('original', retrain_key) and len(vs) >= 2 and len(retrains) >= 2]
+  retrained = margins_of(retrain_key, len(retrains)) if methods else None
+  mean_acc = lambda n, k: float(summary[n][k]['mean'])  # noqa: E731
+  for name in methods:
+    unlearned = margins_of(name, len(runs[name]))
     summary[name].update(distributional.summarize(
-        margin[name], margin[retrain_key], groups,
-        retain_acc=acc['retain_acc'], test_acc=acc['test_acc'],
-        retain_acc_retrain=acc_r['retain_acc'], test_acc_retrain=acc_r['test_acc']))
-    klom_forget = distributional.klom(margin[name]['forget'], margin[retrain_key]['forget'])
+        unlearned, retrained, groups,
+        retain_acc=mean_acc(name, 'retain_acc'), test_acc=mean_acc(name, 'test_acc'),
+        retain_acc_retrain=mean_acc(retrain_key, 'retain_acc'),
+        test_acc_retrain=mean_acc(retrain_key, 'test_acc')))
+    klom_forget = distributional.klom(unlearned['forget'], retrained['forget'])
     per_example[name] = {
         'klom_forget': klom_forget,
         'klom_forget_patient': distributional.patient_max(klom_forget, groups)[1],
-        'epsilon_forget': distributional.per_example_epsilon(margin[name]['forget'],
-                                                             margin[retrain_key]['forget'])}
-  if len(retrains) >= 2 and len(per_example):
+        'epsilon_forget': distributional.per_example_epsilon(unlearned['forget'],
+                                                             retrained['forget'])}
+  if methods:
     summary[retrain_key].update(null_distributional(
-        {s: np.stack([distributional.margins(logits[run_key(retrain_key, i)][s], labels[idx])
-                      for i in range(len(retrains))]) for s, idx in sets.items()},
-        np.asarray(subject_id)[split.forget_idx],
-        max(len(vs) for n, vs in runs.items() if n in per_example), seed=int(eval_cfg.mia_seed)))
+        retrained, groups, max(len(runs[n]) for n in methods), seed=int(eval_cfg.mia_seed)))
   if len(retrains) < 2 and len(runs) > 2:
     logging.getLogger('forgetmi_jax').info(
         'one retrained model: no noise floor and no retrain-distribution metrics (num_seeds=1)')
