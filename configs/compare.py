@@ -3,10 +3,11 @@
 python experiments/compare.py --config configs/compare.py:pct=10[,smoke] [--workdir DIR]
 python experiments/compare.py --config configs/compare.py:pct=3 --config.compare.tune=False
 
-Tuning budget (forgetmi_jax/runs/compare.py): every method, Forget-MI included, tries its preset
-lr times each of `lr_factors` on the retain set minus a validation set of whole patients, and
-keeps the lr with the best macro-F1(validation) - macro-F1(forget); then one final run at that
-lr. ':smoke' shrinks data, model and schedules (1-2 epochs each) and turns tuning off.
+Tuning budget (forgetmi_jax/runs/compare.py): every method except the paper's Forget-MI
+(which runs as the paper gives it) tries its preset lr times each of `lr_factors`, stopped by
+`config.stop`, and keeps the lr of lowest validation gap (forget patients vs validation
+non-members, `data.val_fraction`); then the final runs at that lr on every seed. ':smoke'
+shrinks data, model and schedules (1-2 epochs each) and turns tuning off.
 """
 import ml_collections
 
@@ -22,11 +23,9 @@ def get_config(arg=None):
   c.compare.methods = registry.names()
   c.compare.tune = True
   c.compare.lr_factors = (0.3, 1.0, 3.0)
-  c.compare.val_fraction = 0.1  # of the retain images, as whole patients
-  c.compare.val_seed = 0
   if arg.smoke:
     c.compare.tune = False
-    c.forgetmi.epochs = 1
+    c.forgetmi.epochs = c.forgetmi_paper.epochs = 1
     for name in ('neggrad_plus', 'cf_k', 'eu_k', 'multidelete'):
       c[name].epochs = 1
     c.scrub.epochs, c.scrub.msteps = 2, 1  # one max+min epoch, one min-only epoch

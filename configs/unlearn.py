@@ -19,5 +19,5 @@ def build(arg):
   c = base.build(arg)
   c.method = arg.method
   c.forget_fraction = arg.pct / 100
-  c.forgetmi.setting = BEST_SETTING[arg.pct]
+  c.forgetmi.setting = c.forgetmi_paper.setting = BEST_SETTING[arg.pct]
   return c

@@ -27,7 +27,11 @@ _CHOICES = {
     'data.image_fit': ('crop_pad', 'resize'),
     'model.fusion.variant': ('per_sample', 'reference'),
     'forgetmi.noise.text_mode': ('char', 'word', 'reference', 'none'),
+    'forgetmi_paper.noise.text_mode': ('char', 'word', 'reference', 'none'),
     'eval.head': ('image', 'joint'),
+    'stop.rule': ('validation', 'none'),
+    'forgetmi.forget_bound': ('none', 'validation'),
+    'forgetmi_paper.forget_bound': ('none', 'validation'),
 }
 # Keys that say where things go, not what is computed: left out of every fingerprint.
 _NOT_RESULT_KEYS = ('workdir', 'cache_dir', 'data.data_dir')
@@ -73,15 +77,19 @@ def method_config(config, name):
   return config[name]
 
 
+FORGETMI_GROUPS = ('forgetmi', 'forgetmi_paper')  # Forget-MI beyond the paper, and as given
+
+
 def resolve(config):
   """Fill derived defaults in place (loss weights from the setting), then validate."""
-  weights = config.forgetmi.loss_weights
-  if all(float(v) < 0 for v in weights.values()):
-    preset = LOSS_WEIGHT_PRESETS.get(config.forgetmi.setting)
-    if preset is not None:
-      with config.unlocked():
-        for k, v in preset.items():
-          weights[k] = float(v)
+  for group in FORGETMI_GROUPS:
+    weights = config[group].loss_weights
+    if all(float(v) < 0 for v in weights.values()):
+      preset = LOSS_WEIGHT_PRESETS.get(config[group].setting)
+      if preset is not None:
+        with config.unlocked():
+          for k, v in preset.items():
+            weights[k] = float(v)
   return validate(config)
 
 
@@ -94,9 +102,10 @@ def validate(config):
       errors.append(f'{key}={value!r} is not one of {choices}')
   if config.method not in registry.names():
     errors.append(f'method={config.method!r} is not one of {list(registry.names())}')
-  if config.forgetmi.setting not in LOSS_WEIGHT_PRESETS:
-    errors.append(f'forgetmi.setting={config.forgetmi.setting!r} is not one of '
-                  f'{sorted(LOSS_WEIGHT_PRESETS)}')
+  for group in FORGETMI_GROUPS:
+    if config[group].setting not in LOSS_WEIGHT_PRESETS:
+      errors.append(f'{group}.setting={config[group].setting!r} is not one of '
+                    f'{sorted(LOSS_WEIGHT_PRESETS)}')
   if not config.data.forget_csv and not 0 < config.forget_fraction < 0.5:
     errors.append(f'forget_fraction={config.forget_fraction} must be in (0, 0.5)')
   if int(config.num_seeds) < 1:
@@ -113,16 +122,24 @@ def validate(config):
   for key in ['train.lr'] + [f'{name}.lr' for name in registry.names()]:
     if not float(get(config, key)) > 0:
       errors.append(f'{key}={get(config, key)} must be > 0')
-  noise = config.forgetmi.noise
-  if float(noise.image_sigma) < 0:
-    errors.append(f'forgetmi.noise.image_sigma={noise.image_sigma} must be >= 0')
-  if not 0 <= float(noise.text_p) <= 1:
-    errors.append(f'forgetmi.noise.text_p={noise.text_p} must be in [0, 1]')
-  weights = config.forgetmi.loss_weights
-  if set(weights.keys()) != {'ur', 'uu', 'mu', 'mr'}:
-    errors.append(f'forgetmi.loss_weights must have keys ur, uu, mu, mr; got {sorted(weights)}')
-  elif any(float(v) < 0 for v in weights.values()) or sum(map(float, weights.values())) <= 0:
-    errors.append(f'forgetmi.loss_weights={dict(weights)} must be >= 0 with a positive sum')
+  for group in FORGETMI_GROUPS:
+    noise = config[group].noise
+    if float(noise.image_sigma) < 0:
+      errors.append(f'{group}.noise.image_sigma={noise.image_sigma} must be >= 0')
+    if not 0 <= float(noise.text_p) <= 1:
+      errors.append(f'{group}.noise.text_p={noise.text_p} must be in [0, 1]')
+    weights = config[group].loss_weights
+    if set(weights.keys()) != {'ur', 'uu', 'mu', 'mr'}:
+      errors.append(f'{group}.loss_weights must have keys ur, uu, mu, mr; got {sorted(weights)}')
+    elif any(float(v) < 0 for v in weights.values()) or sum(map(float, weights.values())) <= 0:
+      errors.append(f'{group}.loss_weights={dict(weights)} must be >= 0 with a positive sum')
+  if int(config.stop.patience) < 1:
+    errors.append(f'stop.patience={config.stop.patience} must be >= 1')
+  if not 0 <= float(config.data.val_fraction) < 0.5:
+    errors.append(f'data.val_fraction={config.data.val_fraction} must be in [0, 0.5)')
+  if config.stop.rule == 'validation' and float(config.data.val_fraction) == 0:
+    errors.append('stop.rule=validation needs validation non-members: data.val_fraction > 0 '
+                  '(or stop.rule=none)')
   if config.data.source == 'mimic_cxr' and not (config.data.split_csv and config.data.mimic_root):
     errors.append('data.source=mimic_cxr needs data.split_csv and data.mimic_root')
   if errors:

@@ -163,3 +163,39 @@ def test_make_forget_sets_script(tmp_path, split):
     assert prev <= subs
     prev = subs
   assert 'forget 10%' in res.stdout and 'non-TEST' in res.stdout
+
+
+def test_validation_split_holds_out_non_members(cohort):
+  """Whole non-TEST patients outside every paper forget set, about the asked share of all
+  images, one set for 3, 6 and 10 % (so one original), out of the retain set (so out of the
+  original's and the retrained model's training), and forget sets unchanged by it."""
+  splits = {f: make_forget_split(cohort, f, val_fraction=0.1, val_seed=0)
+            for f in PAPER_FRACTIONS}
+  sid, test = cohort.subject_id, cohort.fold == 'TEST'
+  val = splits[0.10].val_idx
+  assert 0.07 * len(cohort) <= len(val) <= 0.1 * len(cohort)
+  for f, s in splits.items():
+    np.testing.assert_array_equal(s.val_idx, val)
+    np.testing.assert_array_equal(s.val_subjects, np.unique(sid[val]))
+    assert not test[val].any()
+    assert not set(sid[val]) & set(sid[s.forget_idx])
+    assert not set(sid[val]) & set(sid[s.retain_idx])  # whole patients
+    assert not set(val) & set(s.retain_idx)
+    parts = np.concatenate([s.forget_idx, s.retain_idx, s.val_idx, s.test_idx])
+    np.testing.assert_array_equal(np.sort(parts), np.arange(len(cohort)))
+    np.testing.assert_array_equal(s.forget_idx, make_forget_split(cohort, f).forget_idx)
+  assert len(make_forget_split(cohort, 0.10).val_idx) == 0  # off by default in the library
+  other = make_forget_split(cohort, 0.10, val_fraction=0.1, val_seed=1).val_idx
+  assert not np.array_equal(other, val)
+  with pytest.raises(ValueError, match='val_fraction'):
+    make_forget_split(cohort, 0.10, val_fraction=1.5)
+
+
+def test_validation_split_avoids_a_given_forget_list(tmp_path, cohort):
+  default = make_forget_split(cohort, 0.10, val_fraction=0.1)
+  listed = np.unique(cohort.subject_id[default.val_idx])[:3]  # forget some would-be validation
+  path = tmp_path / 'forget.csv'
+  pd.DataFrame({'subject_id': listed}).to_csv(path, index=False)
+  s = make_forget_split(cohort, 0.0, forget_csv=str(path), val_fraction=0.1)
+  assert not set(cohort.subject_id[s.val_idx]) & set(listed.tolist())
+  assert set(cohort.subject_id[s.forget_idx]) == set(listed.tolist())

@@ -164,6 +164,29 @@ def test_unlearning_epoch_pairs_forget_with_retain(source, cohort, split, tok):
   np.testing.assert_array_equal(plain['forget_noisy']['input_ids'][0], plain['forget']['input_ids'])
 
 
+def test_unlearning_batches_full_retain_pass_cycles_the_forget_set(source, split, cohort):
+  """retain_examples = the whole retain set: NegGrad+'s zip(retain, cycle(forget))."""
+  sampler = RetainSampler(cohort.subject_id, split.retain_idx, split.forget_subjects, seed=0)
+  n_retain, n_forget, bs = len(split.retain_idx), len(split.forget_idx), 8
+  assert n_retain > 2 * n_forget
+  steps = list(P.unlearning_batches(source, split.forget_idx, sampler, 1, bs,
+                                    retain_examples=n_retain))
+  assert len(steps) == -(-n_retain // bs)
+  r_ids = np.concatenate([s['retain']['id'][s['retain']['mask'] > 0] for s in steps])
+  np.testing.assert_array_equal(r_ids, sampler.epoch(1, n_retain))
+  assert sorted(r_ids.tolist()) == sorted(split.retain_idx.tolist())  # each retain once
+  f_ids = np.concatenate([s['forget']['id'] for s in steps])
+  assert all(s['forget']['mask'].all() for s in steps)  # full forget batches, cycled
+  once = list(P.unlearning_batches(source, split.forget_idx, sampler, 1, bs))
+  order = np.concatenate([s['forget']['id'][s['forget']['mask'] > 0] for s in once])
+  np.testing.assert_array_equal(f_ids, order[np.arange(len(f_ids)) % n_forget])
+  # a retain count at most the forget set's is the plain epoch
+  same = list(P.unlearning_batches(source, split.forget_idx, sampler, 1, bs,
+                                   retain_examples=n_forget))
+  for a, b in zip(same, once):
+    np.testing.assert_array_equal(a['retain']['id'], b['retain']['id'])
+
+
 def test_target_batches_in_order(source, split):
   got = list(P.target_batches(source, split.retain_idx, 16))
   ids = np.concatenate([b['forget']['id'][b['forget']['mask'] > 0] for b in got])

@@ -18,6 +18,7 @@ from forgetmi_jax.data.cohort import TEST_FOLD, validate_split_frame
 PAPER_FRACTIONS = (0.03, 0.06, 0.10)
 # Bins of studies per subject used for stratification (upper bounds, inclusive).
 STUDY_BINS = (1, 2, 3, 5, 8, 12, 10**9)
+VALIDATION_STREAM = 20251  # the validation draw's own random stream (the forget ladder: 20250)
 
 
 def study_bin(n_studies) -> np.ndarray:
@@ -32,7 +33,7 @@ def _subject_table(split_df: pd.DataFrame) -> pd.DataFrame:
   return t
 
 
-def stratified_order(split_df: pd.DataFrame, seed: int = 0) -> np.ndarray:
+def stratified_order(split_df: pd.DataFrame, seed: int = 0, stream: int = 20250) -> np.ndarray:
   """Non-TEST subject ids in an order whose every prefix is stratified by studies per subject.
 
   Within each bin the subjects are permuted (seeded); each gets the position key
@@ -41,7 +42,7 @@ def stratified_order(split_df: pd.DataFrame, seed: int = 0) -> np.ndarray:
   """
   t = _subject_table(split_df)
   t = t[~t['test']]
-  rng = np.random.default_rng([int(seed), 20250])
+  rng = np.random.default_rng([int(seed), int(stream)])
   ids, keys = [], []
   for b in sorted(t['bin'].unique()):
     members = rng.permutation(t.index[t['bin'] == b].to_numpy())
@@ -123,30 +124,71 @@ def read_forget_list(path, split_df: pd.DataFrame) -> np.ndarray:
 
 @dataclasses.dataclass
 class ForgetSplit:
-  """Image indices into the cohort (int64, sorted)."""
+  """Image indices into the cohort (int64, sorted).
+
+  `val_idx`: the validation non-members, whole non-TEST patients held out of the original's
+  and the retrained model's training (never forget patients). Every tuning and stopping
+  choice reads them instead of the test set or the retrained model; empty = no such split.
+  """
   forget_idx: np.ndarray
   retain_idx: np.ndarray
   test_idx: np.ndarray
   forget_subjects: np.ndarray
+  val_idx: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+  val_subjects: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def make_forget_split(cohort, fraction: float, seed: int = 0, forget_csv=None) -> ForgetSplit:
-  """Forget = all images of the selected subjects; retain = non-forget non-TEST; test = TEST.
+def select_validation_subjects(split_df: pd.DataFrame, fraction: float, exclude,
+                               seed: int = 0) -> np.ndarray:
+  """Sorted non-TEST subject ids outside `exclude`, about `fraction` of ALL images, stratified
+  by studies per subject (a prefix of `stratified_order` under its own seed stream)."""
+  fraction = float(fraction)
+  if not 0 <= fraction < 1:
+    raise ValueError(f'data.val_fraction must lie in [0, 1), got {fraction}')
+  if fraction == 0:
+    return np.zeros(0, np.int64)
+  t = _subject_table(validate_split_frame(split_df))
+  target, count, chosen = fraction * float(t['images'].sum()), 0, []
+  excluded = set(np.asarray(exclude, np.int64).tolist())
+  for s in stratified_order(split_df, seed=int(seed), stream=VALIDATION_STREAM):
+    if count >= target * (1 - 0.005):
+      break
+    if int(s) in excluded or count + t.loc[s, 'images'] > target:
+      continue
+    chosen.append(int(s))
+    count += int(t.loc[s, 'images'])
+  if not chosen:
+    raise ValueError(f'data.val_fraction={fraction} selects no patient (too small, or every '
+                     'non-TEST patient is a forget patient)')
+  return np.sort(np.asarray(chosen, np.int64))
+
+
+def make_forget_split(cohort, fraction: float, seed: int = 0, forget_csv=None,
+                      val_fraction: float = 0.0, val_seed: int = 0) -> ForgetSplit:
+  """Forget = all images of the selected subjects; validation = held-out non-members; retain
+  = the other non-TEST images; test = TEST.
 
   With `forget_csv` its subjects are used. Otherwise the subjects come from the nested ladder
   of the paper's fractions plus `fraction`, so the 3/6/10 % sets are identical whether asked
-  for alone or together.
+  for alone or together. The validation patients never come from that ladder's largest set
+  (nor a given list's patients), so one validation set, hence one original model, serves
+  3, 6 and 10 %.
   """
   frame = cohort.to_frame()
   if forget_csv:
-    subjects = read_forget_list(forget_csv, frame)
+    subjects = exclude = read_forget_list(forget_csv, frame)
   else:
     ladder = sorted(set(PAPER_FRACTIONS) | {float(fraction)})
-    subjects = select_forget_subjects(frame, ladder, seed=seed)[float(fraction)]
+    nested = select_forget_subjects(frame, ladder, seed=seed)
+    subjects, exclude = nested[float(fraction)], nested[ladder[-1]]
+  val_subjects = select_validation_subjects(frame, val_fraction, exclude, seed=val_seed)
   test = cohort.fold == TEST_FOLD
   forget = np.isin(cohort.subject_id, subjects)
-  return ForgetSplit(forget_idx=np.flatnonzero(forget), retain_idx=np.flatnonzero(~forget & ~test),
-                     test_idx=np.flatnonzero(test), forget_subjects=np.asarray(subjects, np.int64))
+  val = np.isin(cohort.subject_id, val_subjects)
+  return ForgetSplit(forget_idx=np.flatnonzero(forget),
+                     retain_idx=np.flatnonzero(~forget & ~test & ~val),
+                     test_idx=np.flatnonzero(test), forget_subjects=np.asarray(subjects, np.int64),
+                     val_idx=np.flatnonzero(val), val_subjects=val_subjects)
 
 
 class RetainSampler:

@@ -218,9 +218,14 @@ def batches(source: ExampleSource, indices, batch_size: int, *, seed: int | None
 
 def unlearning_batches(source: ExampleSource, forget_idx, retain_sampler, epoch: int,
                        batch_size: int, noisy_tokens=None, seed: int = 0,
-                       num_threads: int = 1, prefetch: int = 2) -> Iterator[dict]:
+                       num_threads: int = 1, prefetch: int = 2,
+                       retain_examples: int | None = None) -> Iterator[dict]:
   """One unlearning epoch: the whole forget set once (shuffled by (seed, epoch)), each forget
   batch paired with as many retain examples, `retain_sampler.epoch(epoch, len(forget))`.
+
+  `retain_examples` > len(forget) pairs that many retain examples instead (a whole retain
+  pass: NegGrad+'s zip(retain, cycle(forget))): the shuffled forget set is cycled, full
+  batches, and only the last retain batch is padded.
 
   `noisy_tokens`: a NoisyTokens, a callable epoch -> NoisyTokens (text noise redrawn per
   epoch), or None (then 'forget_noisy' holds the clean tokens with K = 1).
@@ -230,13 +235,17 @@ def unlearning_batches(source: ExampleSource, forget_idx, retain_sampler, epoch:
   if len(forget) == 0:
     return iter(())
   forget = forget[_epoch_rng(seed, epoch, 2).permutation(len(forget))]
-  retain = np.asarray(retain_sampler.epoch(epoch, len(forget)), np.int64)
+  cycle = retain_examples is not None and int(retain_examples) > len(forget)
+  retain = np.asarray(retain_sampler.epoch(epoch, int(retain_examples) if cycle else len(forget)),
+                      np.int64)
   noisy = noisy_tokens(epoch) if callable(noisy_tokens) else noisy_tokens
-  steps = math.ceil(len(forget) / batch_size)
+  steps = math.ceil(len(retain if cycle else forget) / batch_size)
 
   def step(s):
     s = int(s)
-    f = source.get_batch(forget[s * batch_size:(s + 1) * batch_size], pad_to=batch_size)
+    rows = (forget[(s * batch_size + np.arange(batch_size)) % len(forget)] if cycle
+            else forget[s * batch_size:(s + 1) * batch_size])
+    f = source.get_batch(rows, pad_to=batch_size)
     r = source.get_batch(retain[s * batch_size:(s + 1) * batch_size], pad_to=batch_size)
     if noisy is None:
       fn = {'input_ids': f['input_ids'][None], 'attention_mask': f['attention_mask'][None]}

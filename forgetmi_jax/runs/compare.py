@@ -2,19 +2,20 @@
 method on the same forget set, with the paper's Table 1 beside the results.
 
 Outputs in the workdir: comparison.json (the `models` mapping of metrics.json, keyed original,
-retrain, forgetmi, neggrad_plus, scrub, cf_k, eu_k, multidelete; plus the lr selection, the
-paper's numbers and the method orderings) and comparison.md.
+retrain and the methods; plus the lr selection, the paper's numbers and the method orderings)
+and comparison.md.
 
-Tuning budget (the same for every method, Forget-MI included), `config.compare`:
-- a validation set of whole retain patients (about `val_fraction` of the retain images, drawn
-  with `val_seed`) is held out of the retain data the method sees while tuning;
-- each method runs once per learning rate in `lr_factors` x its preset lr, with its preset
-  epochs and everything else unchanged;
-- the selected lr maximises  macro-F1(validation) - macro-F1(forget set)  (image head): keep
-  what the model knows about retain-like patients it did not unlearn on, lose what it knows
-  about the forget patients. No test-set label and no retrained model is looked at;
-- the final run uses the selected lr on the full retain set; its time is the method's
-  `seconds` (tuning time is reported apart). `compare.tune = False` runs the preset lr only.
+One tuning rule for every method (`config.compare`), none of it reading the test set or a
+retrained model (`select_settings` is never given either; a test checks that shuffling the
+test labels and removing the retrained models changes no choice):
+- each method runs once per learning rate in `lr_factors` x its preset lr (the same number of
+  trials for all), as stacked copies on seed `config.seed`, with the shared stopping rule
+  (`config.stop`: each copy ends at its epoch of lowest validation gap);
+- the selected lr has the lowest validation gap (evaluation/validation.py: forget patients
+  against validation non-members held out of the original's training);
+- the final runs use that lr on every seed, with the same stopping rule; their time is the
+  method's `seconds` (tuning time is reported apart). A method with `fixed_schedule` (the
+  paper's Forget-MI) runs as given. `compare.tune = False` runs every preset lr.
 """
 import copy
 import dataclasses
@@ -23,23 +24,21 @@ import math
 import os
 import time
 
-import numpy as np
 
 
 from forgetmi_jax import config as config_lib
 from forgetmi_jax.config import method_config
 from forgetmi_jax.evaluation import report
 from forgetmi_jax.evaluation.evaluate import evaluate_runs
-from forgetmi_jax.evaluation.evaluator import make_predict_fn, predict_logits
 from forgetmi_jax.evaluation.gaps import retrain_gaps
-from forgetmi_jax.evaluation.metrics import classification_metrics
 from forgetmi_jax.io_utils import atomic_write
 from forgetmi_jax.runs import setup
 from forgetmi_jax.unlearning import registry
 
 log = logging.getLogger('forgetmi_jax')
 
-CRITERION = 'macro_f1(validation) - macro_f1(forget), image head'
+CRITERION = ('lowest validation gap (forget vs validation non-members, at each trial\'s '
+             'stopping epoch)')
 
 
 # ------------------------------------------------------------------------------ tuning pieces
@@ -51,43 +50,15 @@ def lr_grid(lr, factors):
   return grid
 
 
-def carve_validation(split, subject_id, fraction, seed):
-  """(tuning split without the validation patients, validation indices).
-
-  Whole patients, as for the forget set, so no patient is on both sides; seeded; at least one
-  patient, and never the whole retain set.
-  """
-  if not 0 < float(fraction) < 1:
-    raise ValueError(f'compare.val_fraction must be in (0, 1), got {fraction}')
-  retain = np.asarray(split.retain_idx)
-  subjects = np.asarray(subject_id)[retain]
-  unique = np.unique(subjects)
-  if len(unique) < 2:
-    raise ValueError('the retain set needs at least 2 patients to carve a validation set')
-  order = np.random.default_rng(int(seed)).permutation(unique)
-  counts = {s: c for s, c in zip(*np.unique(subjects, return_counts=True))}
-  target, total, chosen = float(fraction) * len(retain), 0, []
-  for s in order[:-1]:
-    if total >= target:
-      break
-    chosen.append(s)
-    total += counts[s]
-  held = np.isin(subjects, chosen)
-  return dataclasses.replace(split, retain_idx=retain[~held]), retain[held]
-
-
-def selection_score(val_f1, forget_f1):
-  """Higher is better; a diverged run (nan) is never selected."""
-  s = float(val_f1) - float(forget_f1)
-  return s if math.isfinite(s) else -math.inf
-
-
 def select(records):
-  """The record with the highest score (the first such: grids are sorted by lr)."""
-  return max(records, key=lambda r: r['score'])
+  """The record with the lowest finite validation gap (the first such: grids are sorted by
+  lr); a diverged trial (inf / nan) is never selected unless all diverged."""
+  def key(r):
+    g = r['val_gap']
+    return g if g is not None and math.isfinite(g) else math.inf
+  return min(records, key=key)
 
 
-# ------------------------------------------------------------------------------ runs
 def with_lr(config, name, lr):
   """A copy of the config with the method's learning rate set."""
   config = copy.deepcopy(config)
@@ -96,43 +67,72 @@ def with_lr(config, name, lr):
   return config
 
 
-def run_or_reuse(prep, original, name, tag, seeds=None):
+def tunable(config, name):
+  return not method_config(config, name).get('fixed_schedule', False)
+
+
+def run_or_reuse(prep, original, name, tag, seeds=None, copies=None):
   """Run method `name` once per seed as stacked copies (or reload a finished run of the same
-  fingerprint, which reports the run's own seconds); (variables per seed, seconds per seed:
-  each copy's share of the program's time, histories per seed)."""
-  copies = setup.copies_of(prep.config, name, seeds)
+  fingerprint, which reports the run's own seconds); (variables per copy, seconds per copy:
+  each copy's share of the program's time, histories per copy, stopping records per copy)."""
+  copies = copies or setup.copies_of(prep.config, name, seeds)
   result = setup.run_method(prep, original, name, copies=copies,
                             ckpt_root=os.path.join(prep.workdir, 'checkpoints', tag))
   share = result.seconds / len(copies)
-  return ([s.variables for s in result.states], [share] * len(copies), result.histories)
-
-
-def image_f1(prep, predict, variables, indices, labels):
-  logits = predict_logits(predict, variables, prep.source, indices,
-                          int(prep.config.eval.batch_size))
-  return classification_metrics(logits, labels[indices])['f1']
+  stops = result.stopping or [None] * len(copies)
+  return ([s.variables for s in result.states], [share] * len(copies), result.histories, stops)
 
 
 def tune(prep, original, name, cc):
-  """Try the lr grid on the tuning split; returns the selection record."""
-  tune_split, val_idx = carve_validation(prep.split, prep.cohort.subject_id, cc.val_fraction,
-                                         cc.val_seed)
-  predict = make_predict_fn(prep.model.apply, prep.config.eval.head)
-  labels = np.asarray(prep.cohort.labels)
+  """The lr grid as stacked copies on the config's seed; returns the selection record."""
   preset = float(method_config(prep.config, name).lr)
+  grid = lr_grid(preset, cc.lr_factors)
+  group = method_config(prep.config, name)
+  cfgs = []
+  for lr in grid:
+    cfg = copy.deepcopy(group)
+    with cfg.unlocked():
+      cfg.lr = float(lr)
+    cfgs.append(cfg)
+  copies = setup.copies_of(prep.config, name, [prep.config.seed] * len(grid), cfgs)
+  variables, seconds, _, stops = run_or_reuse(prep, original, name, 'tune', copies=copies)
+  monitor = None
   records = []
-  for lr in lr_grid(preset, cc.lr_factors):
-    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lr), split=tune_split)
-    (state,), (seconds,), _ = run_or_reuse(p, original, name, 'tune')
-    val_f1 = image_f1(prep, predict, state, val_idx, labels)
-    forget_f1 = image_f1(prep, predict, state, prep.split.forget_idx, labels)
-    records.append({'lr': lr, 'val_f1': val_f1, 'forget_f1': forget_f1,
-                    'score': selection_score(val_f1, forget_f1), 'seconds': seconds})
-    log.info('tune %s lr=%g: val F1 %.3f, forget F1 %.3f', name, lr, val_f1, forget_f1)
+  for lr, v, sec, stop in zip(grid, variables, seconds, stops):
+    if stop is None:  # stop.rule = none: score where the schedule ended
+      monitor = monitor or setup.validation_monitor(prep, original)
+      scores, epoch = monitor(v), None
+    else:
+      scores = next((r for r in stop['scores'] if r['epoch'] == stop['best_epoch']),
+                    {'val_gap': math.inf})
+      epoch = stop['best_epoch']
+    records.append({'lr': lr, 'val_gap': _finite(scores.get('val_gap')), 'stop_epoch': epoch,
+                    **{k: _finite(scores.get(k)) for k in ('member_auc', 'forget_f1',
+                                                          'forget_auc', 'val_f1', 'val_auc')},
+                    'seconds': sec})
+    log.info('tune %s lr=%g: validation gap %s at epoch %s', name, lr,
+             records[-1]['val_gap'], epoch)
   best = select(records)
   return {'preset_lr': preset, 'selected_lr': best['lr'], 'records': records,
-          'validation_images': int(len(val_idx)),
+          'validation_images': int(len(prep.split.val_idx)),
           'seconds': float(sum(r['seconds'] for r in records))}
+
+
+def _finite(x):
+  return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+def select_settings(prep, original, methods, cc):
+  """{method: lr} and {method: tuning record}: the one rule, given only the original, the
+  forget, retain and validation sets (never the test set or a retrained model)."""
+  lrs, tuning = {}, {}
+  for name in methods:
+    lr = float(method_config(prep.config, name).lr)
+    if cc.tune and tunable(prep.config, name):
+      tuning[name] = tune(prep, original, name, cc)
+      lr = tuning[name]['selected_lr']
+    lrs[name] = lr
+  return lrs, tuning
 
 
 # ------------------------------------------------------------------------------ the comparison
@@ -150,18 +150,16 @@ def run_comparison(config, config_name='compare'):
   retrains, t_retrain = setup.train_or_load(prep, 'retrain', seeds=seeds)
   states, seconds = {'original': [original], 'retrain': retrains}, {'original': t_orig,
                                                                     'retrain': t_retrain}
-  tuning, histories, lrs, walls = {}, {}, {}, {}
+  lrs, tuning = select_settings(prep, original, methods, cc)
+  histories, walls, stops = {}, {}, {}
   for name in methods:
-    lr = float(method_config(config, name).lr)
-    if cc.tune:
-      tuning[name] = tune(prep, original, name, cc)
-      lr = tuning[name]['selected_lr']
-    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lr))
-    states[name], seconds[name], hist = run_or_reuse(p, original, name, 'final', seeds)
+    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lrs[name]))
+    states[name], seconds[name], hist, stop = run_or_reuse(p, original, name, 'final', seeds)
     histories[name] = hist[0]
-    lrs[name] = lr
+    stops[name] = [None if s is None else {k: s[k] for k in ('best_epoch', 'best_score',
+                                                              'epochs_scored')} for s in stop]
     walls[name] = float(sum(seconds[name]))
-    log.info('%s done: lr %g, %.1fs for %d seed(s)', name, lr, walls[name], len(seeds))
+    log.info('%s done: lr %g, %.1fs for %d seed(s)', name, lrs[name], walls[name], len(seeds))
   results, _, _, summary, per_example = evaluate_runs(
       prep.model, prep.source, prep.split, states, seconds, config.eval, prep.cohort.subject_id)
   names = [k for k in ('original', 'retrain') + registry.names() if k in states]
@@ -179,7 +177,8 @@ def run_comparison(config, config_name='compare'):
       'summary': {k: summary[k] for k in names},
       'tuning': {'enabled': bool(cc.tune), 'criterion': CRITERION,
                  'lr_factors': [float(f) for f in cc.lr_factors],
-                 'val_fraction': float(cc.val_fraction), 'methods': tuning},
+                 'val_fraction': float(config.data.val_fraction), 'methods': tuning},
+      'stopping': {'rule': config.stop.to_dict(), 'methods': stops},
       'history': histories,
       'wall_seconds': {'total': time.time() - t_start,
                        **{f'{k}_all_seeds': v for k, v in walls.items()}},
@@ -238,21 +237,32 @@ def build_markdown(payload):
   tuning = payload.get('tuning') or {}
   parts.append('## Learning-rate selection')
   if tuning.get('enabled'):
-    parts.append(f"Criterion: maximise {tuning['criterion']}, on a validation set of retain "
-                 f"patients (~{100 * tuning['val_fraction']:.0f} % of retain images) held out "
-                 f"of the tuning runs; grid = preset lr x {tuning['lr_factors']}. The final "
-                 'run uses the selected lr on the full retain set.')
+    parts.append(f"Rule: {tuning['criterion']}. Grid = preset lr x {tuning['lr_factors']}, "
+                 'every method, as stacked copies on the first seed; validation non-members: '
+                 f"~{100 * tuning['val_fraction']:.0f} % of all images, held out of the "
+                 'original and retrained models. The final runs use the selected lr on every '
+                 'seed. No choice reads the test set or a retrained model.')
     rows = []
     for name, t in tuning['methods'].items():
       for r in t['records']:
-        rows.append([report.display_name(name), f"{r['lr']:.3g}", r['val_f1'], r['forget_f1'],
-                     r['score'], 'yes' if r['lr'] == t['selected_lr'] else '',
-                     f"{r['seconds']:.1f}"])
+        rows.append([report.display_name(name), f"{r['lr']:.3g}", r['val_gap'],
+                     r['stop_epoch'] if r['stop_epoch'] is not None else report.MISSING,
+                     r['member_auc'], r['forget_f1'], r['val_f1'],
+                     'yes' if r['lr'] == t['selected_lr'] else '', f"{r['seconds']:.1f}"])
     parts.append(report.markdown_table(
-        ['Method', 'lr', 'Val. F1', 'Forget F1', 'Score', 'Selected', 'Seconds'], rows,
-        align=['l', 'r', 'r', 'r', 'r', 'l', 'r']))
+        ['Method', 'lr', 'Val. gap', 'Stop epoch', 'Member AUC', 'Forget F1', 'Val. F1',
+         'Selected', 'Seconds'], rows, align=['l', 'r', 'r', 'r', 'r', 'r', 'r', 'l', 'r']))
   else:
     parts.append('Tuning off (`compare.tune = False`): every method ran at its preset lr.')
+  stopping = payload.get('stopping') or {}
+  if stopping.get('methods'):
+    rows = []
+    for name, per_seed in stopping['methods'].items():
+      epochs = [s['best_epoch'] for s in per_seed if s is not None]
+      rows.append([report.display_name(name),
+                   ', '.join(str(e) for e in epochs) if epochs else 'fixed schedule'])
+    parts.append('Stopping epoch per seed (-1 = the original was never improved on):')
+    parts.append(report.markdown_table(['Method', 'Epoch per seed'], rows, align=['l', 'l']))
   order = payload.get('ordering') or {}
   if order.get('ours'):
     parts.append('## Ordering (methods only)')

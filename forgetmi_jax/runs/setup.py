@@ -27,6 +27,7 @@ from forgetmi_jax.data.pipeline import make_source, noisy_token_table
 from forgetmi_jax.data.synthetic import make_synthetic_cohort
 from forgetmi_jax.data.tokenizer import load_tokenizer, train_wordpiece_tokenizer
 from forgetmi_jax.evaluation.report import write_json_atomic
+from forgetmi_jax.evaluation.validation import ValidationMonitor
 from forgetmi_jax.models.bert import load_bert_params_into
 from forgetmi_jax.models.multimodal import build_model, init_variables
 from forgetmi_jax.train import cache as cache_lib
@@ -38,7 +39,8 @@ from forgetmi_jax.unlearning import registry
 from forgetmi_jax.unlearning.method import UnlearnContext
 
 log = logging.getLogger('forgetmi_jax')
-_DATA_KEYS_OF_SPLIT = ('forget_csv', 'forget_seed', 'data_dir')  # the split, not the data
+# The split, not the data (a model's cache key holds its example ids instead).
+_DATA_KEYS_OF_SPLIT = ('forget_csv', 'forget_seed', 'val_fraction', 'val_seed', 'data_dir')
 
 
 @dataclasses.dataclass
@@ -132,7 +134,9 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
   else:
     split = make_forget_split(cohort, float(config.forget_fraction),
                               seed=int(config.data.forget_seed),
-                              forget_csv=config.data.forget_csv or None)
+                              forget_csv=config.data.forget_csv or None,
+                              val_fraction=float(config.data.val_fraction),
+                              val_seed=int(config.data.val_seed))
   check_split(config, split)
   tokenizer = build_tokenizer(config, cohort, cache_dir, key)
   source = make_source(cohort, tokenizer, int(config.data.max_text_len))
@@ -148,8 +152,9 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
       v = init_variables(model, jax.random.PRNGKey(int(seed)), image_size, text_len)
       made[seed] = load_bert_params_into(v, pretrained_text) if pretrained_text else v
     return made[seed]
-  log.info('data ready in %.1fs: %d images, forget %d, retain %d, test %d', time.time() - t0,
-           len(cohort), len(split.forget_idx), len(split.retain_idx), len(split.test_idx))
+  log.info('data ready in %.1fs: %d images, forget %d, retain %d, validation %d, test %d',
+           time.time() - t0, len(cohort), len(split.forget_idx), len(split.retain_idx),
+           len(split.val_idx), len(split.test_idx))
   return Prepared(config, cohort, split, tokenizer, source, model, parallel.make_mesh(), key,
                   workdir, cache_dir, fresh_variables)
 
@@ -245,8 +250,10 @@ def _train(prep, kind, indices, seeds, paths, group_dir):
 
 
 # ------------------------------------------------------------------------------ methods
-def make_context(prep: Prepared, with_noisy_text=True) -> UnlearnContext:
-  noisy = noisy_forget_tokens(prep) if with_noisy_text else None
+def make_context(prep: Prepared, with_noisy_text=True, name='forgetmi') -> UnlearnContext:
+  """What method `name` reads; the noisy reports follow its `noise` group (Forget-MI's when
+  it has none)."""
+  noisy = noisy_forget_tokens(prep, name) if with_noisy_text else None
   size, length = int(prep.config.data.image_size), int(prep.config.data.max_text_len)
 
   def init_fusion(key):
@@ -259,9 +266,10 @@ def make_context(prep: Prepared, with_noisy_text=True) -> UnlearnContext:
                         init_fusion)
 
 
-def noisy_forget_tokens(prep: Prepared):
+def noisy_forget_tokens(prep: Prepared, name='forgetmi'):
   """Noisy report copies of the forget set, drawn once per run and tokenised once."""
-  noise = prep.config.forgetmi.noise
+  group = config_lib.method_config(prep.config, name)
+  noise = (group if 'noise' in group else prep.config.forgetmi).noise
   noiser = TextNoiser(noise.text_mode, float(noise.text_p), seed=int(prep.config.seed))
   return noisy_token_table(prep.source, prep.cohort, prep.split.forget_idx, noiser,
                            int(noise.num_draws), prep.tokenizer, int(prep.config.data.max_text_len))
@@ -279,9 +287,10 @@ def run_fingerprint(prep: Prepared, name: str, copies) -> tuple[str, dict]:
   config = prep.config
   what = {'method': name, 'copies': [(c.seed, c.cfg.to_dict()) for c in copies],
           'data': prep.data_key, 'model': config.model.to_dict(), 'train': config.train.to_dict(),
-          'text_noise_seed': int(config.seed),
+          'text_noise_seed': int(config.seed), 'stop': config.stop.to_dict(),
           'forget_idx': np.asarray(prep.split.forget_idx).tolist(),
-          'retain_idx': np.asarray(prep.split.retain_idx).tolist()}
+          'retain_idx': np.asarray(prep.split.retain_idx).tolist(),
+          'val_idx': np.asarray(prep.split.val_idx).tolist()}
   return config_lib.fingerprint(what), what
 
 
@@ -291,12 +300,14 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   under `<ckpt_root>/<name>/<fingerprint>` so only the same config ever resumes them."""
   name = name or prep.config.method
   copies = copies or copies_of(prep.config, name)
-  ctx = ctx or make_context(prep)
+  ctx = ctx or make_context(prep, name=name)
   method = registry.get(name)(ctx, copies)
   key, _ = run_fingerprint(prep, name, copies)
   ckpt_dir = os.path.join(ckpt_root or os.path.join(prep.workdir, 'checkpoints'), name, key)
   loop_kwargs.setdefault('tb_dir', os.path.join(prep.workdir, 'tensorboard', name, key))
   loop_kwargs.setdefault('chunk_size', int(prep.config.copies_per_program))
+  if 'stopping' not in loop_kwargs:
+    loop_kwargs['stopping'] = stopping_rule(prep, original, name)
   result = loop.run(method, original, ckpt_dir, mesh=prep.mesh, desc=f'unlearn {name}',
                     **loop_kwargs)
   steps = [sum(e['steps'] for e in h) for h in result.histories]
@@ -312,6 +323,27 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   else:
     write_json_atomic({'seconds': result.seconds, 'fingerprint': key}, done)
   return result
+
+
+def stopping_rule(prep: Prepared, original, name):
+  """`config.stop`: every method ends at the epoch whose validation gap (forget vs validation
+  non-members, evaluation/validation.py) is lowest, or runs its epochs ('none')."""
+  rule = prep.config.stop
+  if rule.rule == 'none' or config_lib.method_config(prep.config, name).get('fixed_schedule'):
+    return None
+  monitor = validation_monitor(prep, original)
+  done = (lambda scores: monitor.at_chance(scores, float(rule.z))) if rule.at_chance else None
+  return loop.Stopping(monitor, patience=int(rule.patience), min_delta=float(rule.min_delta),
+                       done_fn=done)
+
+
+def validation_monitor(prep: Prepared, original):
+  """The validation gap of variables (forget vs validation non-members, against `original`)."""
+  monitor = ValidationMonitor(prep.model.apply, prep.source, prep.split, prep.cohort.labels,
+                              head=prep.config.eval.head,
+                              batch_size=int(prep.config.eval.batch_size))
+  monitor.set_reference(original)
+  return monitor
 
 
 def log_eval_metrics(prep: Prepared, results: dict):

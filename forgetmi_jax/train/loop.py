@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from forgetmi_jax.train import parallel
 from forgetmi_jax.train import optim
-from forgetmi_jax.train.checkpoints import Checkpoints
+from forgetmi_jax.train.checkpoints import Checkpoints, load_variables, save_variables
 from forgetmi_jax.train.tensorboard import EventWriter
 
 log = logging.getLogger('forgetmi_jax')
@@ -224,16 +225,103 @@ def plan_chunks(n, per_copy_bytes=None, fixed_bytes=0, budget_bytes=None, chunk_
   return [n // chunks + (1 if i < n % chunks else 0) for i in range(chunks)]
 
 
+# ------------------------------------------------------------------------------ stopping
+@dataclasses.dataclass(frozen=True)
+class Stopping:
+  """Per-copy early stopping on a score where lower is better (evaluation/validation.py).
+
+  Each copy is scored once before the first epoch (epoch -1, the start) and after every
+  epoch. A copy whose best score has not improved by more than `min_delta` for `patience`
+  epochs stops and ends with its best epoch's variables; a method that only hurts therefore
+  returns its start. With `done_fn`, a copy also stops at once at a new best epoch whose
+  scores meet it (e.g. the membership attack at chance). The run ends once every copy has stopped (a stopped copy stacked with
+  running ones keeps stepping, but its result stays its best epoch's).
+  """
+  score_fn: Callable  # variables -> {key: float, ...}
+  patience: int = 2
+  min_delta: float = 0.0
+  key: str = 'val_gap'
+  # scores -> True when the goal is reached: a copy whose new best epoch meets it stops there
+  done_fn: Callable | None = None
+
+
+class _StopTrack:
+  """Per-copy best score, best epoch, epochs since the best, and the best variables (host)."""
+
+  def __init__(self, stopping: Stopping, n: int, saved=None, best_dir=None):
+    self.stopping, self.n = stopping, n
+    saved = saved or {}
+    self.best_score = list(saved.get('best_score', [math.inf] * n))
+    self.best_epoch = list(saved.get('best_epoch', [None] * n))
+    self.since = list(saved.get('since', [0] * n))
+    self.scores = saved.get('scores', [[] for _ in range(n)])
+    self.best_dir = saved.get('best_dir', best_dir)
+    self.best = None
+
+  @property
+  def all_stopped(self):
+    return all(s >= self.stopping.patience for s in self.since)
+
+  def observe(self, epoch, variables_per_copy):
+    """Score every copy after `epoch`; True when some copy has a new best."""
+    improved = False
+    if self.best is None:  # a start that cannot be scored (nan) is still a result
+      self.best = list(variables_per_copy)
+    for j, v in enumerate(variables_per_copy):
+      if self.since[j] >= self.stopping.patience:
+        continue  # stopped: its result is fixed
+      row = {k: float(x) for k, x in self.stopping.score_fn(v).items()}
+      self.scores[j].append({'epoch': int(epoch), **row})
+      score = row[self.stopping.key]
+      if math.isfinite(score) and score < self.best_score[j] - float(self.stopping.min_delta):
+        self.best_score[j], self.best_epoch[j], self.since[j] = score, int(epoch), 0
+        self.best[j] = v
+        improved = True
+        if self.stopping.done_fn is not None and self.stopping.done_fn(row):
+          self.since[j] = self.stopping.patience  # the goal is reached: stop here
+      else:
+        self.since[j] += 1
+    return improved
+
+  def save_best(self, directory, epoch):
+    """The best variables of every copy (stacked), in a folder named by the epoch."""
+    path = os.path.join(directory, f'best-after-{epoch}')
+    save_variables(path, stack(self.best))
+    old, self.best_dir = self.best_dir, path
+    return old
+
+  def restore_best(self, like_per_copy):
+    if self.best_dir and self.best is None:
+      stacked = load_variables(self.best_dir, stack(like_per_copy))
+      self.best = unstack(stacked, self.n)
+
+  def to_json(self):
+    return {'best_score': self.best_score, 'best_epoch': self.best_epoch, 'since': self.since,
+            'scores': self.scores, 'best_dir': self.best_dir}
+
+  def summary(self):
+    patience = self.stopping.patience
+    return [{'best_epoch': self.best_epoch[j], 'best_score': self.best_score[j],
+             'epochs_scored': len(self.scores[j]), 'stopped': self.since[j] >= patience,
+             'scores': self.scores[j]} for j in range(self.n)]
+
+
+def _variables(states, n):
+  return unstack(jax.device_get({'params': states.params, 'batch_stats': states.batch_stats}), n)
+
+
 # ------------------------------------------------------------------------------ the loop
 @dataclasses.dataclass
 class Result:
-  """What a run returns: host states per copy, seconds, per-copy per-epoch histories."""
+  """What a run returns: host states per copy, seconds, per-copy per-epoch histories, and
+  per copy the early-stopping record (None without `stopping`)."""
   states: list
   seconds: float
   histories: list
   memory: dict | None = None
   fingerprint: str = ''
   resumed_from: list = dataclasses.field(default_factory=list)  # first epoch run, per chunk
+  stopping: list | None = None
 
 
 def _epoch_batches(method: Method, epoch: int):
@@ -280,7 +368,7 @@ def _restore_hparams(hparams, saved):
 
 def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None,
         chunk_size: int = 0, memory_budget_bytes: float | None = None,
-        tb_dir: str | None = None) -> Result:
+        tb_dir: str | None = None, stopping: Stopping | None = None) -> Result:
   """Run `method`'s copies from `original` ({'params', 'batch_stats'}) for its epochs.
 
   Per-epoch checkpoints under `ckpt_dir` (one folder per chunk); a killed run resumes from the
@@ -288,6 +376,7 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size` run in equal
   chunks. With `tb_dir`, TensorBoard event files get every step's metrics and each epoch's
   learning rate and examples/s (tags `<method>/<metric>`, per copy `<method>/<copy>/<metric>`).
+  With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`).
   """
   mesh = mesh or parallel.make_mesh()
   n = len(method.copies)
@@ -298,7 +387,7 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     memory = _measure(method, original)
   sizes = plan_chunks(n, (memory or {}).get('per_copy_bytes'), (memory or {}).get('fixed_bytes', 0),
                       memory_budget_bytes, chunk_size)
-  states, histories, start, resumed, programs = [], [], 0, [], {}
+  states, histories, start, resumed, programs, stops = [], [], 0, [], {}, []
   for c, size in enumerate(sizes):
     chunk = method.copies[start:start + size]
     pad = max(sizes) - size
@@ -311,12 +400,15 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     key = (len(sub.copies), sub.shared_batch)  # chunks of one shape share one compiled step
     if key not in programs:
       programs[key] = _Program(method.step, *key)
-    s, h, first = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb, programs[key])
+    s, h, first, track = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb, programs[key],
+                                    stopping)
     resumed.append(first)
     states += s[:size]
     histories += h[:size]
+    stops += track.summary()[:size] if track is not None else []
     start += size
-  return Result(states, time.time() - t0, histories, memory, resumed_from=resumed)
+  return Result(states, time.time() - t0, histories, memory, resumed_from=resumed,
+                stopping=stops if stopping is not None else None)
 
 
 def _measure(method, original):
@@ -346,18 +438,25 @@ def _write_events(writer, tags, first_step, metrics_per_step, epoch_scalars):
   writer.flush()
 
 
-def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program):
+def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, stopping=None):
   n = len(method.copies)
   states = stack([method.init_state(original, c) for c in method.copies])
   hparams = stack([method.hparams(c) for c in method.copies])
   ckpt = Checkpoints(ckpt_dir)
-  start, histories = 0, [[] for _ in range(n)]
+  start, histories, track = 0, [[] for _ in range(n)], None
   if ckpt.latest_epoch() is not None:
     states, extra = ckpt.restore(states)
     start = ckpt.latest_epoch() + 1
     histories = extra.get('histories', histories)
     hparams = _restore_hparams(hparams, extra.get('hparams', {}))
+    if stopping is not None:
+      track = _StopTrack(stopping, n, extra.get('stopping'))
+      track.restore_best(_variables(states, n))
     log.info('%s: resuming after epoch %d from %s', desc, start - 1, ckpt_dir)
+  elif stopping is not None:  # score the start: epoch -1
+    track = _StopTrack(stopping, n)
+    track.observe(-1, _variables(states, n))
+    track.save_best(ckpt_dir, -1)
   states = parallel.replicate(states, mesh)
   shared = method.shared_batch
   if start < method.epochs:
@@ -368,6 +467,8 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program):
   with tqdm(total=method.epochs, initial=start, desc=desc, unit='epoch',
             dynamic_ncols=True) as bar:
     for epoch in range(start, method.epochs):
+      if track is not None and track.all_stopped:
+        break
       hparams = method.start_epoch(epoch, hparams)
       metrics, steps, seen, t_epoch, logged = None, 0, 0, time.time(), []
       carry, carry_hparams = program.enter(states), program.enter(hparams)
@@ -393,14 +494,33 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program):
       for j in range(n):
         histories[j].append({'epoch': epoch, 'steps': steps, 'examples_per_s': rate,
                              **{k: float(v[j]) for k, v in last.items()}})
-      ckpt.save(epoch, states, extra={'histories': histories, 'hparams': _jsonable(hparams)})
-      bar.set_postfix({k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:5]}
-                      | {'ex/s': f'{rate:.0f}'})
+      extra = {'histories': histories, 'hparams': _jsonable(hparams)}
+      old_best = None
+      if track is not None:
+        if track.observe(epoch, _variables(states, n)):
+          old_best = track.save_best(ckpt_dir, epoch)
+        extra['stopping'] = track.to_json()
+        for j, row in enumerate(track.scores):
+          if row and row[-1]['epoch'] == epoch:
+            histories[j][-1][stopping.key] = row[-1][stopping.key]
+      ckpt.save(epoch, states, extra=extra)
+      if old_best and old_best != track.best_dir:
+        shutil.rmtree(old_best, ignore_errors=True)  # the checkpoint now names the new one
+      postfix = {k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:5]}
+      if track is not None:  # the copies still running: their best score so far
+        running = [b for b, s in zip(track.best_score, track.since) if s < stopping.patience]
+        postfix[f'best {stopping.key}'] = f'{min(track.best_score):.3f}'
+        postfix['running'] = f'{len(running)}/{n}'
+      bar.set_postfix(postfix | {'ex/s': f'{rate:.0f}'})
       bar.update(1)
   ckpt.close()
   if writer is not None:
     writer.close()
-  return unstack(jax.device_get(states), n), histories, start
+  host = unstack(jax.device_get(states), n)
+  if track is not None:  # every copy ends at its best epoch
+    host = [s.replace(params=b['params'], batch_stats=b['batch_stats'])
+            for s, b in zip(host, track.best)]
+  return host, histories, start, track
 
 
 def _real_rows(batch):

@@ -39,18 +39,28 @@ def normalised_weights(loss_weights, round_to_2=False):
 
 
 # ------------------------------------------------------------------------------ the losses
-def forget_terms(params, batch_stats, forget, targets, rng, apply_fn):
-  """UU and MU on the forget batch: the distances to f_o's noisy-copy embeddings, negated."""
-  out, stats = forward(apply_fn, params, batch_stats, model_inputs(forget), train=True,
+def forget_terms(params, batch_stats, forget, targets, rng, apply_fn, bound=None, train=True):
+  """UU and MU on the forget batch: the distances to f_o's noisy-copy embeddings, negated.
+
+  `bound` {'uu', 'mu'} (beyond the paper): each sample's distance counts up to its bound,
+  -mean(min(d, bound)), so a sample pushed as far as a non-member sits gets no more push
+  and the loss cannot run away. None (the paper) = unbounded.
+  """
+  out, stats = forward(apply_fn, params, batch_stats, model_inputs(forget), train=train,
                        rng=jax.random.fold_in(rng, rng_lib.FORGET_DROPOUT))
-  uu = -masked_mean(distance(out.z_uni, targets['forget_uni']), forget['mask'])
-  mu = -masked_mean(distance(out.z_joint, targets['forget_joint']), forget['mask'])
+  d_uni = distance(out.z_uni, targets['forget_uni'])
+  d_joint = distance(out.z_joint, targets['forget_joint'])
+  if bound is not None:
+    d_uni, d_joint = jnp.minimum(d_uni, bound['uu']), jnp.minimum(d_joint, bound['mu'])
+  uu = -masked_mean(d_uni, forget['mask'])
+  mu = -masked_mean(d_joint, forget['mask'])
   return {'uu': uu, 'mu': mu}, stats
 
 
-def retain_terms(params, batch_stats, retain, targets, rng, apply_fn):
+def retain_terms(params, batch_stats, retain, targets, rng, apply_fn, bound=None, train=True):
   """UR and MR on the retain batch: the distances to f_o's embeddings of the same pairs."""
-  out, stats = forward(apply_fn, params, batch_stats, model_inputs(retain), train=True,
+  del bound  # only the forget terms are bounded
+  out, stats = forward(apply_fn, params, batch_stats, model_inputs(retain), train=train,
                        rng=jax.random.fold_in(rng, rng_lib.RETAIN_DROPOUT))
   ur = masked_mean(distance(out.z_uni, targets['retain_uni'][None]), retain['mask'])
   mr = masked_mean(distance(out.z_joint, targets['retain_joint'][None]), retain['mask'])
@@ -68,19 +78,22 @@ def weighted(terms, hp):
   return total
 
 
-def forgetmi_loss(params, batch_stats, targets, batch, rng, hp, apply_fn):
+def forgetmi_loss(params, batch_stats, targets, batch, rng, hp, apply_fn, train=True):
   """(total, (batch_stats, {'loss', 'ur', 'uu', 'mu', 'mr'})); forget set first, then retain,
-  BatchNorm statistics threaded through as in the public code."""
+  BatchNorm statistics threaded through as in the public code. `train`: the unlearned model's
+  mode (the paper: train, i.e. dropout and batch statistics)."""
+  bound = hp.get('forget_bound')
   f_terms, batch_stats = forget_terms(params, batch_stats, batch['forget'], targets, rng,
-                                      apply_fn)
+                                      apply_fn, bound, train)
   r_terms, batch_stats = retain_terms(params, batch_stats, batch['retain'], targets, rng,
-                                      apply_fn)
+                                      apply_fn, bound, train)
   terms = {**f_terms, **r_terms}
   loss = weighted(terms, hp)
   return loss, (batch_stats, {'loss': loss, **terms})
 
 
-def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn, set_params=None):
+def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn, set_params=None,
+                   train=True):
   """Gradient of forgetmi_loss -> (grads, (batch_stats, metrics)), one set at a time.
 
   The loss is a forget part plus a retain part sharing only the params (and BatchNorm
@@ -95,7 +108,8 @@ def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn, set_p
     def loss(p, stats):
       if set_params is not None:
         p = set_params(p, set_name)
-      terms, stats = terms_fn(p, stats, batch[set_name], targets, rng, apply_fn)
+      terms, stats = terms_fn(p, stats, batch[set_name], targets, rng, apply_fn,
+                              hp.get('forget_bound'), train)
       return weighted(terms, hp), (stats, terms)
     return loss
 
@@ -165,7 +179,7 @@ def fresh_gates(init_fusion, rng):
 
 
 def make_grads_fn(apply_fn, *, num_draws=1, no_noise=False, resample_noise=False,
-                  original_train_mode=False, init_fusion=None):
+                  original_train_mode=False, init_fusion=None, train=True):
   """grads(state, original, batch, rng, hparams) -> (grads, batch_stats, metrics).
 
   Uses `batch['targets']` when the method cached the original's outputs (forget targets
@@ -195,7 +209,7 @@ def make_grads_fn(apply_fn, *, num_draws=1, no_noise=False, resample_noise=False
     set_params = None if gates is None else (
         lambda params, part: with_gates(params, 'unlearned', part))
     grads, (stats, metrics) = forgetmi_grads(state.params, state.batch_stats, targets, batch,
-                                             rng, hp, apply_fn, set_params)
+                                             rng, hp, apply_fn, set_params, train)
     # the gates are never trained: swapped in per set, their gradient is exactly zero
     return grads, stats, metrics
   return grads_fn
@@ -224,6 +238,9 @@ class ForgetMIMethod(UnlearningMethod):
         raise ValueError('forgetmi: no_noise and noisy copies share a program only with cached '
                          'original outputs')
     self.original_train_mode = bool(cfg.original_train_mode or quirks.original_train_mode)
+    if len({bool(c.cfg.train_mode) for c in self.copies}) > 1:
+      raise ValueError('forgetmi: copies disagree on train_mode; they cannot share a program')
+    self.train_mode = bool(cfg.train_mode)
     self.replay = bool(quirks.replay_retain)
     self.resample = bool(cfg.noise.resample_each_epoch) and not self.replay
     self.accumulate = bool(quirks.epoch_accumulation)
@@ -235,7 +252,7 @@ class ForgetMIMethod(UnlearningMethod):
                                   no_noise=cfg.setting == 'no_noise',
                                   resample_noise=self.resample,
                                   original_train_mode=self.original_train_mode,
-                                  init_fusion=init_fusion)
+                                  init_fusion=init_fusion, train=self.train_mode)
     self._forget_targets_fns = {
         no_noise: jax.jit(lambda o, b, h, no_noise=no_noise: forget_targets(
             ctx.apply_fn, o, b, h, num_draws=self.num_draws, no_noise=no_noise,
@@ -246,6 +263,7 @@ class ForgetMIMethod(UnlearningMethod):
         lambda s: s.replace(grad_acc=jax.tree_util.tree_map(jnp.zeros_like, s.grad_acc))))
     self.targets = {}  # 'retain', and per target key: forget targets (shared with chunks)
     self.original = None
+    self.bounds = None  # {'uu', 'mu'}: the forget-term bounds (forget_bound='validation')
 
   def _cachable(self):
     """Cached targets need a deterministic original: eval mode, and no fresh gates."""
@@ -284,6 +302,7 @@ class ForgetMIMethod(UnlearningMethod):
     return {**self._noise_hparams(copy),
             'loss_weights': {k: jnp.float32(v) for k, v in weights.items()},
             'retention_cap': {'ur': jnp.float32(NO_CAP), 'mr': jnp.float32(NO_CAP)},
+            'forget_bound': {'uu': jnp.float32(NO_CAP), 'mu': jnp.float32(NO_CAP)},
             'target_index': jnp.int32(keys.index(self.target_key(copy)))}
 
   # -- data -------------------------------------------------------------------------------
@@ -296,6 +315,9 @@ class ForgetMIMethod(UnlearningMethod):
   # -- the frozen original's outputs, computed once -----------------------------------------
   def prepare(self, original):
     self.original = original
+    if self.bounded() and self.bounds is None:
+      self.bounds = non_member_spread(self.ctx.source, self.ctx.split.val_idx,
+                                      lambda b: self._retain_targets_fn(original, b))
     if self.cached and 'retain' not in self.targets:
       fn = self._retain_targets_fn
       self.targets['retain'] = self._gather(self.ctx.split.retain_idx, 64,
@@ -332,10 +354,21 @@ class ForgetMIMethod(UnlearningMethod):
     result['row'] = rows
     return result
 
+  def bounded(self):
+    modes = {c.cfg.get('forget_bound', 'none') for c in self.copies}
+    if modes - {'none', 'validation'}:
+      raise ValueError(f"forgetmi.forget_bound must be 'none' or 'validation', got {modes}")
+    return 'validation' in modes
+
   def start_epoch(self, epoch, hparams):
     if self.cached and self.resample and epoch > 0:
       self._forget_targets(epoch, recompute=True)
-    return dict(hparams, epoch=jnp.full_like(hparams['epoch'], epoch))
+    hparams = dict(hparams, epoch=jnp.full_like(hparams['epoch'], epoch))
+    if self.bounds is not None:  # per copy: the non-member spread, or unbounded
+      on = np.array([c.cfg.get('forget_bound', 'none') == 'validation' for c in self.copies])
+      hparams['forget_bound'] = {k: jnp.asarray(np.where(on, self.bounds[k], NO_CAP),
+                                                jnp.float32) for k in ('uu', 'mu')}
+    return hparams
 
   def prepare_batch(self, batch, epoch, seed):
     """Attach the cached targets of this seed's target settings: forget [B, T, K, D]."""
@@ -377,6 +410,35 @@ class ForgetMIMethod(UnlearningMethod):
           k: jnp.asarray(np.asarray(last.get(k, np.full(n, NO_CAP))) + 1.0, jnp.float32)
           for k in ('ur', 'mr')})
     return states, hparams
+
+
+def non_member_spread(source, val_idx, embed, batch_size=64):
+  """{'uu', 'mu'}: the mean distance between f_o's embeddings (unimodal, joint) of two
+  different validation non-members, over all pairs. Beyond the paper, a forget sample pushed
+  this far from f_o's embedding of its noisy copy is as far as another patient: the bound of
+  its forget terms. `embed(batch)` gives {'retain_uni', 'retain_joint'} of batch['forget']."""
+  if len(val_idx) < 2:
+    raise ValueError('forgetmi.forget_bound=validation needs >= 2 validation images '
+                     '(data.val_fraction)')
+  parts = {'retain_uni': [], 'retain_joint': []}
+  for batch in target_batches(source, val_idx, batch_size):
+    out = jax.device_get(embed(batch))
+    real = np.asarray(batch['forget']['mask']) > 0
+    for k in parts:
+      parts[k].append(np.asarray(out[k], np.float64)[real])
+  result = {}
+  for term, k in (('uu', 'retain_uni'), ('mu', 'retain_joint')):
+    z = np.concatenate(parts[k])
+    sq = np.sum(z ** 2, axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * z @ z.T, 0.0)
+    iu = np.triu_indices(len(z), k=1)
+    result[term] = float(np.mean(np.sqrt(d2[iu])))
+  return result
+
+
+class ForgetMIPaperMethod(ForgetMIMethod):
+  """The paper's Forget-MI as given (config.forgetmi_paper: unbounded, fixed schedule)."""
+  name = 'forgetmi_paper'
 
 
 def _get(cfg, dotted):

@@ -87,10 +87,20 @@ class UnlearningMethod(Method):
                                            split.forget_subjects, seed=int(seed))
     return self._samplers[seed]
 
+  def full_retain_pass(self):
+    """`retain_pass='full'`: an epoch pairs the whole retain set (the reference algorithms'
+    budget) instead of a forget-sized retain sample ('sample', Forget-MI's epochs)."""
+    mode = self.cfg.get('retain_pass', 'sample')
+    if mode not in ('sample', 'full'):
+      raise ValueError(f"{self.name}.retain_pass={mode!r} is not one of ('sample', 'full')")
+    return mode == 'full'
+
   def seed_batches(self, epoch, seed):
+    full = self.full_retain_pass()
     return unlearning_batches(self.ctx.source, self.ctx.split.forget_idx,
                               self.retain_sampler(seed), epoch, int(self.cfg.batch_size),
-                              noisy_tokens=self.ctx.noisy_tokens, seed=int(seed))
+                              noisy_tokens=self.ctx.noisy_tokens, seed=int(seed),
+                              retain_examples=len(self.ctx.split.retain_idx) if full else None)
 
   def prepare_batch(self, batch, epoch, seed):
     """Only Forget-MI reads the noisy forget copies: the others do not ship them."""

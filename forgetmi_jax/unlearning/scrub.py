@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from forgetmi_jax import rng as rng_lib
 from forgetmi_jax.models.apply import eval_outputs, forward, model_inputs
 from forgetmi_jax.train.losses import distill_kl, heads_ce, masked_mean
+from forgetmi_jax.data.pipeline import unlearning_batches
 from forgetmi_jax.unlearning.method import UnlearningMethod
 
 LOGIT_FIELDS = ('logits_img', 'logits_txt', 'logits_joint')
@@ -73,8 +74,14 @@ class ScrubMethod(UnlearningMethod):
     """Whole passes: {'forget': ...} batches (max phase), then {'retain': ...} (min phase).
     The paired stream is a pure function of the epoch, so each pass re-reads it."""
     for phase in epoch_phases(epoch, self.cfg.msteps):
+      if phase == 'min' and self.full_retain_pass():  # SCRUB's min phase: the whole retain set
+        for batch in self.retain_batches(epoch, seed):
+          yield {'retain': batch}
+        continue
       part = 'forget' if phase == 'max' else 'retain'
-      for batch in super().seed_batches(epoch, seed):
+      for batch in unlearning_batches(self.ctx.source, self.ctx.split.forget_idx,
+                                      self.retain_sampler(seed), epoch, int(self.cfg.batch_size),
+                                      seed=int(seed)):
         yield {part: batch[part]}
 
   def step(self, state, original, batch, rng, hparams):

@@ -1,0 +1,108 @@
+"""Early stopping on the loop: each copy ends at its best-scoring epoch, a copy stops after
+`patience` epochs without improvement, the run ends once all have stopped, and a resumed run
+ends where an uninterrupted one does."""
+import copy
+
+import jax
+import numpy as np
+import pytest
+
+from forgetmi_jax.runs import setup as run_setup
+from forgetmi_jax.train import loop
+from forgetmi_jax.unlearning.neggrad_plus import NegGradPlusMethod
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope='module')
+def prep(tmp_path_factory):
+  config = tiny_config(tmp_path_factory.mktemp('stopping'), **{'neggrad_plus.epochs': 6})
+  return run_setup.prepare(config)
+
+
+class Scripted:
+  """Scores from a script, in call order: the loop scores copy 0, 1, ... of epoch -1, then
+  of epoch 0, ... (stopped copies are no longer scored)."""
+
+  def __init__(self, per_copy, start_epoch=-1):
+    self.per_copy = per_copy
+    self.epoch = {j: start_epoch for j in per_copy}
+    self.calls = []
+
+  def __call__(self, variables):
+    active = [j for j in self.per_copy if self.epoch[j] is not None]
+    j = min(active, key=lambda k: (self.epoch[k], k))
+    score = self.per_copy[j][self.epoch[j] + 1]
+    self.calls.append((j, self.epoch[j]))
+    self.epoch[j] += 1
+    if self.epoch[j] + 1 >= len(self.per_copy[j]):
+      self.epoch[j] = None
+    return {'val_gap': score, 'member_auc': 0.5}
+
+
+def _method(prep, n, epochs):
+  cfg = copy.deepcopy(prep.config.neggrad_plus)
+  cfg.epochs = epochs
+  ctx = run_setup.make_context(prep, with_noisy_text=False)
+  return NegGradPlusMethod(ctx, [loop.Copy(0, cfg)] * n)
+
+
+def _same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_copy_ends_at_its_best_epoch_and_the_run_stops(prep, tmp_path):
+  original = prep.init_variables(0)
+  # copy 0: best after epoch 1 (0.5), no better in epochs 2, 3 -> stops after epoch 3
+  # copy 1: keeps improving until epoch 4, then 5 is worse -> the run needs epochs 0..5
+  scores = {0: [1.0, 0.8, 0.5, 0.6, 0.7], 1: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.55]}
+  rule = loop.Stopping(Scripted(scores), patience=2)
+  result = loop.run(_method(prep, 2, 6), original, str(tmp_path / 'stop'), stopping=rule)
+  assert [s['best_epoch'] for s in result.stopping] == [1, 4]
+  assert [s['epochs_scored'] for s in result.stopping] == [5, 7]
+  assert result.stopping[0]['stopped'] and not result.stopping[1]['stopped']
+  assert [s['best_score'] for s in result.stopping] == [0.5, 0.5]
+  # the end state of each copy is its best epoch's: the same program run for best+1 epochs
+  plain = loop.run(_method(prep, 2, 2), original, str(tmp_path / 'two'))
+  _same(result.states[0].params, plain.states[0].params)
+  _same(result.states[0].batch_stats, plain.states[0].batch_stats)
+  plain5 = loop.run(_method(prep, 2, 5), original, str(tmp_path / 'five'))
+  _same(result.states[1].params, plain5.states[1].params)
+  assert result.histories[0][1]['val_gap'] == 0.5
+
+
+def test_all_copies_stopped_ends_the_run_early(prep, tmp_path):
+  original = prep.init_variables(0)
+  rule = loop.Stopping(Scripted({0: [1.0, 0.7, 0.9, 0.9]}), patience=2)
+  result = loop.run(_method(prep, 1, 6), original, str(tmp_path / 'early'), stopping=rule)
+  assert len(result.histories[0]) == 3  # epochs 0, 1, 2 of 6
+  assert result.stopping[0]['best_epoch'] == 0
+
+
+def test_a_method_that_only_hurts_returns_its_start(prep, tmp_path):
+  original = prep.init_variables(0)
+  rule = loop.Stopping(Scripted({0: [0.2, 0.5, 0.6]}), patience=2)
+  result = loop.run(_method(prep, 1, 6), original, str(tmp_path / 'hurts'), stopping=rule)
+  assert result.stopping[0]['best_epoch'] == -1
+  _same(result.states[0].params, original['params'])
+
+
+def test_resumed_run_ends_where_the_uninterrupted_one_does(prep, tmp_path):
+  original = prep.init_variables(0)
+  scores = [1.0, 0.9, 0.6, 0.8, 0.7, 0.9]  # best after epoch 1; stops after epoch 3
+  full = loop.run(_method(prep, 1, 6), original, str(tmp_path / 'full'),
+                  stopping=loop.Stopping(Scripted({0: scores}), patience=2))
+  # the same run killed after epoch 2 (a 3-epoch run in the same folder), then resumed
+  part = tmp_path / 'part'
+  loop.run(_method(prep, 1, 3), original, str(part),
+           stopping=loop.Stopping(Scripted({0: scores[:4]}), patience=2))
+  rest = Scripted({0: scores}, start_epoch=3)  # the resumed run scores epochs 3, ...
+  resumed = loop.run(_method(prep, 1, 6), original, str(part),
+                     stopping=loop.Stopping(rest, patience=2))
+  assert resumed.resumed_from == [3] and rest.calls == [(0, 3)]  # only epoch 3 was scored
+  assert resumed.stopping[0]['best_epoch'] == full.stopping[0]['best_epoch'] == 1
+  _same(resumed.states[0].params, full.states[0].params)
+  # and a rerun of the finished run trains nothing more
+  again = loop.run(_method(prep, 1, 6), original, str(part),
+                   stopping=loop.Stopping(Scripted({0: []}), patience=2))
+  _same(again.states[0].params, full.states[0].params)
