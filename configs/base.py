@@ -92,12 +92,12 @@ def build(arg):
   c.forgetmi.loss_weights = ml_collections.ConfigDict(dict(ur=-1.0, uu=-1.0, mu=-1.0, mr=-1.0))
   c.forgetmi.epochs = 30  # at most: config.stop ends the run earlier
   c.forgetmi.batch_size = 16  # forget examples per step (and as many retain examples)
-  # The paper's 1e-4 (its other value is 1e-5). Unbounded and run for all 30 epochs it lets UU
-  # run away on the synthetic default (UU -345 by epoch 30, test F1 0.05); the stopping rule
-  # (config.stop) ends each run at its best epoch on validation data, and compare.py tunes it
+  # Beyond the paper (its 1e-4 is `forgetmi_paper.lr`): a fast rate whose run the stopping
+  # rule (config.stop) ends at its best epoch on validation data, usually after 1-3 epochs.
+  # Chosen on validation data only (README "Forget-MI+"); compare.py tunes it (x0.3, x1, x3)
   # by the same rule as every baseline. (An earlier default, 3e-5, was chosen from test
   # results: an oracle, removed.)
-  c.forgetmi.lr = 1e-4
+  c.forgetmi.lr = 1e-3
   c.forgetmi.weight_decay = 0.01
   c.forgetmi.adam_eps = 1e-6
   c.forgetmi.original_train_mode = False  # REFERENCE 8.4 when True (see reference_quirks)

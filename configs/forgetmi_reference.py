@@ -18,4 +18,6 @@ def get_config(arg=None):
   q.round_weights = True
   c.model.fusion.variant = 'reference'
   c.eval.mia_per_batch_mean = True
+  c.forgetmi.lr = 1e-4  # the paper's and the code's
+  c.stop.rule = 'none'  # the code's fixed 30 epochs
   return c

@@ -185,8 +185,12 @@ def test_scrub_phases_switch_at_msteps():
 def test_scrub_epoch_passes_forget_then_retain(monkeypatch):
   paired = [{'forget': {'id': np.array([i])}, 'retain': {'id': np.array([10 + i])},
              'forget_noisy': {}} for i in range(3)]
-  monkeypatch.setattr(UnlearningMethod, 'seed_batches', lambda self, epoch, seed: iter(paired))
+  monkeypatch.setattr(UnlearningMethod, 'paired_batches',
+                      lambda self, epoch, seed, retain_examples=None: iter(paired))
+  whole = [{'id': np.array([20 + i])} for i in range(5)]  # the whole retain set, 5 batches
+  monkeypatch.setattr(UnlearningMethod, 'retain_batches', lambda self, epoch, seed: iter(whole))
   cfg = base.get_config().scrub
+  cfg.retain_pass = 'sample'
   method = ScrubMethod(None, [Copy(0, cfg)])
 
   def plan(epoch):
@@ -196,6 +200,12 @@ def test_scrub_epoch_passes_forget_then_retain(monkeypatch):
   assert max_epoch == [('forget', 0), ('forget', 1), ('forget', 2),
                        ('retain', 10), ('retain', 11), ('retain', 12)]
   assert plan(int(cfg.msteps)) == [('retain', 10), ('retain', 11), ('retain', 12)]
+  cfg = base.get_config().scrub  # the reference budget: the min phase is a whole retain pass
+  assert cfg.retain_pass == 'full'
+  method = ScrubMethod(None, [Copy(0, cfg)])
+  assert plan(int(cfg.msteps) - 1) == [('forget', 0), ('forget', 1), ('forget', 2)] + [
+      ('retain', 20 + i) for i in range(5)]
+  assert plan(int(cfg.msteps)) == [('retain', 20 + i) for i in range(5)]
 
 
 # ------------------------------------------------------------------------------ real model

@@ -8,44 +8,20 @@ import numpy as np
 import pytest
 
 from configs import compare_10pct
-from forgetmi_jax.runs import compare
+from forgetmi_jax.data.pipeline import ExampleSource
+from forgetmi_jax.runs import compare, setup
 from forgetmi_jax.evaluation.report import PAPER_TABLE1
 from forgetmi_jax.unlearning import registry
-
-
-@dataclasses.dataclass
-class Split:
-  forget_idx: np.ndarray
-  retain_idx: np.ndarray
-  test_idx: np.ndarray
-
-
-def test_carve_validation_holds_out_whole_patients_seeded():
-  subject = np.repeat(np.arange(50), 4)  # 50 patients x 4 images
-  split = Split(np.arange(0, 20), np.arange(20, 180), np.arange(180, 200))
-  tune_split, val = compare.carve_validation(split, subject, 0.1, seed=3)
-  assert len(val) >= 16 and len(val) < 40
-  assert set(tune_split.retain_idx) | set(val) == set(split.retain_idx)
-  assert not set(tune_split.retain_idx) & set(val)
-  assert not set(subject[val]) & set(subject[tune_split.retain_idx])  # no shared patient
-  np.testing.assert_array_equal(tune_split.forget_idx, split.forget_idx)
-  again = compare.carve_validation(split, subject, 0.1, seed=3)[1]
-  other = compare.carve_validation(split, subject, 0.1, seed=4)[1]
-  np.testing.assert_array_equal(val, again)
-  assert not np.array_equal(val, other)
-  with pytest.raises(ValueError):
-    compare.carve_validation(split, subject, 0.0, seed=0)
 
 
 def test_lr_grid_and_selection():
   assert compare.lr_grid(1e-4, (3.0, 0.3, 1.0)) == pytest.approx([3e-5, 1e-4, 3e-4])
   with pytest.raises(ValueError):
     compare.lr_grid(0.0, (1.0,))
-  records = [{'lr': 1.0, 'score': compare.selection_score(0.8, 0.9)},
-             {'lr': 2.0, 'score': compare.selection_score(0.7, 0.3)},
-             {'lr': 3.0, 'score': compare.selection_score(float('nan'), 0.0)}]
-  assert records[2]['score'] == -math.inf
-  assert compare.select(records)['lr'] == 2.0
+  records = [{'lr': 1.0, 'val_gap': 0.2}, {'lr': 2.0, 'val_gap': 0.05},
+             {'lr': 3.0, 'val_gap': None}, {'lr': 4.0, 'val_gap': 0.05}]
+  assert compare.select(records)['lr'] == 2.0  # lowest gap; ties -> the first (lower lr)
+  assert compare.select([{'lr': 1.0, 'val_gap': None}])['lr'] == 1.0
 
 
 def test_orderings_on_the_paper_table():
@@ -143,8 +119,9 @@ def test_tuning_selects_from_the_grid_and_reruns_reuse(smoke_run):
   t = payload['tuning']['methods']['cf_k']
   preset = float(config.cf_k.lr)
   assert [r['lr'] for r in t['records']] == pytest.approx([preset * 0.1, preset * 10])
-  best = max(t['records'], key=lambda r: r['score'])
+  best = min(t['records'], key=lambda r: r['val_gap'])
   assert t['selected_lr'] == best['lr'] == payload['models']['cf_k']['lr']
+  assert all(r['stop_epoch'] is not None and r['stop_epoch'] >= -1 for r in t['records'])
   assert set(payload['models']) == {'original', 'retrain', 'cf_k'}
   # Cached models: the same original as the first run, and its training time is kept.
   assert payload['models']['original']['seconds'] == first['models']['original']['seconds']
@@ -153,6 +130,49 @@ def test_tuning_selects_from_the_grid_and_reruns_reuse(smoke_run):
   assert again['models']['cf_k']['seconds'] == payload['models']['cf_k']['seconds']
   assert again['models']['cf_k']['test_f1'] == payload['models']['cf_k']['test_f1']
   assert os.path.exists(root / 'tuned' / 'comparison.md')
+
+
+def test_tuning_reads_no_test_label_and_no_retrained_model(smoke_run, monkeypatch):
+  """The rule's choices (lr, stopping epochs, scores) are unchanged when every test label is
+  shuffled and no retrained model exists (loading one raises)."""
+  root, _ = smoke_run
+  config = compare_10pct.get_config('smoke')
+  with config.unlocked():
+    config.cache_dir = str(root / 'cache')
+    config.compare.tune = True
+    config.compare.lr_factors = (0.3, 3.0)
+  cc = config.compare
+  methods = ('forgetmi', 'neggrad_plus')
+
+  def choose(workdir, shuffle):
+    c = copy_config(config)
+    with c.unlocked():
+      c.workdir = str(root / workdir)
+    prep = setup.prepare(c, workdir)
+    (original,), _ = setup.train_or_load(prep, 'original')
+    if shuffle:
+      labels = np.asarray(prep.cohort.labels).copy()
+      test = prep.split.test_idx
+      labels[test] = np.random.default_rng(0).permutation(labels[test])[::-1]
+      assert (labels[test] != np.asarray(prep.cohort.labels)[test]).any()
+      cohort = dataclasses.replace(prep.cohort, labels=labels)
+      source = ExampleSource(cohort, prep.source.input_ids, prep.source.attention_mask)
+      prep = dataclasses.replace(prep, cohort=cohort, source=source)
+    return compare.select_settings(prep, original, methods, cc)
+
+  lrs, tuning = choose('oracle_a', shuffle=False)
+  real_load = setup.train_or_load
+
+  def no_retrain(prep, kind, *a, **k):
+    if kind == 'retrain':
+      raise AssertionError('the tuning rule asked for a retrained model')
+    return real_load(prep, kind, *a, **k)
+  monkeypatch.setattr(setup, 'train_or_load', no_retrain)
+  lrs_b, tuning_b = choose('oracle_b', shuffle=True)
+  assert lrs == lrs_b
+  for name in methods:
+    strip = lambda t: [{k: v for k, v in r.items() if k != 'seconds'} for r in t['records']]  # noqa
+    assert strip(tuning[name]) == strip(tuning_b[name])
 
 
 def copy_config(config):

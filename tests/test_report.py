@@ -97,7 +97,7 @@ def test_round_trip_report_contains_the_right_numbers(tmp_path):
   R.render_report_from_json(mj, md_path)
   md = md_path.read_text()
   rows = _rows(md, 'Model')
-  assert [r[0] for r in rows] == ['Original', 'Retrain', 'Forget-MI', 'SCRUB']
+  assert [r[0] for r in rows] == ['Original', 'Retrain', 'Forget-MI+ (beyond paper)', 'SCRUB']
   fm = rows[2]
   assert fm[1:8] == ['0.500', '0.700', '0.350', '0.610', '0.300', '0.123', '42.2']
   expected_gap = retrain_gaps(_metrics()['models']['forgetmi'], _metrics()['models']['retrain'])
@@ -110,12 +110,12 @@ def test_round_trip_report_contains_the_right_numbers(tmp_path):
   # Paper rows for 10 %, with the avg gap computed from the paper's retrain row.
   assert '## Paper, Table 1 (10 % forget set)' in md
   prow = {r[0]: r for r in _rows(md, 'Model (paper)')}
-  assert prow['Forget-MI'][1:] == ['0.810', '0.656', '0.313', '0.565', '0.252', '0.182']
+  assert prow['Forget-MI (paper)'][1:] == ['0.810', '0.656', '0.313', '0.565', '0.252', '0.182']
   assert prow['Retrain'][6] == '0.000'
   # Extras are rendered (nested dicts flattened, lists inline), and the config summarised.
   assert ('| Model | mia_logreg.attack_auc | mia_logreg.forget_vs_test_auc | '
           'forget_auc_skipped_classes |') in md
-  assert '| Forget-MI | 0.660 | 0.550 | [3] |' in md
+  assert '| Forget-MI+ (beyond paper) | 0.660 | 0.550 | [3] |' in md
   assert '| Original | — | — | — |' in md
   assert '| unlearn.epochs | 30 |' in md
   assert 'lower' in md.lower() and 'retrain' in md.lower()
@@ -135,7 +135,7 @@ def test_report_nearest_fraction_and_missing_parts(tmp_path):
   assert 'gaps cannot be computed' in md
   assert '- wall_seconds.total: 12.500' in md and 'history' not in md  # lists stay in json
   rows = _rows(md, 'Model')
-  assert rows[1] == ['Forget-MI'] + ['—'] * 8
+  assert rows[1] == ['Forget-MI+ (beyond paper)'] + ['—'] * 8
   md2 = R.build_report({'models': {}})
   assert 'paper comparison omitted' in md2 and 'No models' in md2
 

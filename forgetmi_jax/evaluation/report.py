@@ -168,7 +168,12 @@ def markdown_table(headers, rows, digits=3, align=None):
   return '\n'.join(out) + '\n'
 
 
+EQUAL_TIME_SUFFIX = '_eqtime'  # a baseline run under Forget-MI+'s wall time (compare.py)
+
+
 def display_name(key):
+  if key.endswith(EQUAL_TIME_SUFFIX):
+    return registry.label(key[:-len(EQUAL_TIME_SUFFIX)]) + ' (Forget-MI+ time)'
   return registry.label(key)
 
 
@@ -222,7 +227,8 @@ def _paper_table(paper_fraction):
   rows = []
   for name in ordered_models(table):
     m = table[name]
-    rows.append([display_name(name)] + [m[k] for k in METRIC_KEYS] +
+    label = display_name('forgetmi_paper' if name == 'forgetmi' else name)  # the paper's own
+    rows.append([label] + [m[k] for k in METRIC_KEYS] +
                 [retrain_gaps(m, table['retrain'])['avg_gap']])
   headers = ['Model (paper)', 'MIA', 'Forget AUC', 'Forget F1', 'Test AUC', 'Test F1',
              'Avg. gap']

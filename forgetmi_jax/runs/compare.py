@@ -24,11 +24,13 @@ import math
 import os
 import time
 
+import numpy as np
 
 
 from forgetmi_jax import config as config_lib
 from forgetmi_jax.config import method_config
 from forgetmi_jax.evaluation import report
+from forgetmi_jax.evaluation.report import EQUAL_TIME_SUFFIX as EQUAL_TIME
 from forgetmi_jax.evaluation.evaluate import evaluate_runs
 from forgetmi_jax.evaluation.gaps import retrain_gaps
 from forgetmi_jax.io_utils import atomic_write
@@ -71,19 +73,21 @@ def tunable(config, name):
   return not method_config(config, name).get('fixed_schedule', False)
 
 
-def run_or_reuse(prep, original, name, tag, seeds=None, copies=None):
+def run_or_reuse(prep, original, name, tag, seeds=None, copies=None, time_budget_s=None):
   """Run method `name` once per seed as stacked copies (or reload a finished run of the same
   fingerprint, which reports the run's own seconds); (variables per copy, seconds per copy:
-  each copy's share of the program's time, histories per copy, stopping records per copy)."""
+  each copy's share of the program's time, histories per copy, stopping records per copy).
+  `time_budget_s`: seconds per copy (an equal-wall-time run)."""
   copies = copies or setup.copies_of(prep.config, name, seeds)
+  extra = {} if time_budget_s is None else {'time_budget_s': float(time_budget_s)}
   result = setup.run_method(prep, original, name, copies=copies,
-                            ckpt_root=os.path.join(prep.workdir, 'checkpoints', tag))
+                            ckpt_root=os.path.join(prep.workdir, 'checkpoints', tag), **extra)
   share = result.seconds / len(copies)
   stops = result.stopping or [None] * len(copies)
   return ([s.variables for s in result.states], [share] * len(copies), result.histories, stops)
 
 
-def tune(prep, original, name, cc):
+def tune(prep, original, name, cc, time_budget_s=None):
   """The lr grid as stacked copies on the config's seed; returns the selection record."""
   preset = float(method_config(prep.config, name).lr)
   grid = lr_grid(preset, cc.lr_factors)
@@ -95,7 +99,8 @@ def tune(prep, original, name, cc):
       cfg.lr = float(lr)
     cfgs.append(cfg)
   copies = setup.copies_of(prep.config, name, [prep.config.seed] * len(grid), cfgs)
-  variables, seconds, _, stops = run_or_reuse(prep, original, name, 'tune', copies=copies)
+  variables, seconds, _, stops = run_or_reuse(prep, original, name, 'tune', copies=copies,
+                                              time_budget_s=time_budget_s)
   monitor = None
   records = []
   for lr, v, sec, stop in zip(grid, variables, seconds, stops):
@@ -122,17 +127,21 @@ def _finite(x):
   return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
-def select_settings(prep, original, methods, cc):
+def select_settings(prep, original, methods, cc, time_budget_s=None):
   """{method: lr} and {method: tuning record}: the one rule, given only the original, the
   forget, retain and validation sets (never the test set or a retrained model)."""
   lrs, tuning = {}, {}
   for name in methods:
     lr = float(method_config(prep.config, name).lr)
     if cc.tune and tunable(prep.config, name):
-      tuning[name] = tune(prep, original, name, cc)
+      tuning[name] = tune(prep, original, name, cc, time_budget_s)
       lr = tuning[name]['selected_lr']
     lrs[name] = lr
   return lrs, tuning
+
+
+def base_name(key):
+  return key[:-len(EQUAL_TIME)] if key.endswith(EQUAL_TIME) else key
 
 
 # ------------------------------------------------------------------------------ the comparison
@@ -152,17 +161,34 @@ def run_comparison(config, config_name='compare'):
                                                                     'retrain': t_retrain}
   lrs, tuning = select_settings(prep, original, methods, cc)
   histories, walls, stops = {}, {}, {}
+
+  def final(key, budget=None):
+    name = base_name(key)
+    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lrs[key]))
+    states[key], seconds[key], hist, stop = run_or_reuse(
+        p, original, name, 'final' if budget is None else 'final_eqtime', seeds,
+        time_budget_s=budget)
+    histories[key] = hist[0]
+    stops[key] = [None if s is None else {k: s[k] for k in ('best_epoch', 'best_score',
+                                                             'epochs_scored')} for s in stop]
+    walls[key] = float(sum(seconds[key]))
+    log.info('%s done: lr %g, %.1fs for %d seed(s)', key, lrs[key], walls[key], len(seeds))
   for name in methods:
-    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lrs[name]))
-    states[name], seconds[name], hist, stop = run_or_reuse(p, original, name, 'final', seeds)
-    histories[name] = hist[0]
-    stops[name] = [None if s is None else {k: s[k] for k in ('best_epoch', 'best_score',
-                                                              'epochs_scored')} for s in stop]
-    walls[name] = float(sum(seconds[name]))
-    log.info('%s done: lr %g, %.1fs for %d seed(s)', name, lrs[name], walls[name], len(seeds))
+    final(name)
+  budget = None
+  if cc.equal_time and 'forgetmi' in methods:  # the baselines again, in Forget-MI+'s time
+    budget = float(np.mean(seconds['forgetmi']))
+    baselines = [m for m in methods if m not in config_lib.FORGETMI_GROUPS]
+    eq_lrs, eq_tuning = select_settings(prep, original, baselines, cc, time_budget_s=budget)
+    for name in baselines:
+      lrs[name + EQUAL_TIME] = eq_lrs[name]
+      if name in eq_tuning:
+        tuning[name + EQUAL_TIME] = eq_tuning[name]
+      final(name + EQUAL_TIME, budget)
+  methods = tuple(methods) + tuple(k for k in states if k.endswith(EQUAL_TIME))
   results, _, _, summary, per_example = evaluate_runs(
       prep.model, prep.source, prep.split, states, seconds, config.eval, prep.cohort.subject_id)
-  names = [k for k in ('original', 'retrain') + registry.names() if k in states]
+  names = [k for k in ('original', 'retrain') + methods if k in states]
   models = {k: results[k] for k in names}  # seed 0: the single-seed table, unchanged
   setup.log_eval_metrics(prep, models)
   for name in methods:
@@ -179,6 +205,7 @@ def run_comparison(config, config_name='compare'):
                  'lr_factors': [float(f) for f in cc.lr_factors],
                  'val_fraction': float(config.data.val_fraction), 'methods': tuning},
       'stopping': {'rule': config.stop.to_dict(), 'methods': stops},
+      'equal_time': {'enabled': budget is not None, 'seconds_per_copy': budget},
       'history': histories,
       'wall_seconds': {'total': time.time() - t_start,
                        **{f'{k}_all_seeds': v for k, v in walls.items()}},

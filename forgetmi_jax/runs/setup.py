@@ -282,7 +282,7 @@ def copies_of(config, name, seeds=None, cfgs=None):
   return [loop.Copy(int(s), c) for s, c in zip(seeds, cfgs)]
 
 
-def run_fingerprint(prep: Prepared, name: str, copies) -> tuple[str, dict]:
+def run_fingerprint(prep: Prepared, name: str, copies, time_budget_s=None) -> tuple[str, dict]:
   """(key, what it hashes): everything that determines an unlearning run's result."""
   config = prep.config
   what = {'method': name, 'copies': [(c.seed, c.cfg.to_dict()) for c in copies],
@@ -291,6 +291,8 @@ def run_fingerprint(prep: Prepared, name: str, copies) -> tuple[str, dict]:
           'forget_idx': np.asarray(prep.split.forget_idx).tolist(),
           'retain_idx': np.asarray(prep.split.retain_idx).tolist(),
           'val_idx': np.asarray(prep.split.val_idx).tolist()}
+  if time_budget_s is not None:
+    what['time_budget_s'] = float(time_budget_s)
   return config_lib.fingerprint(what), what
 
 
@@ -302,7 +304,7 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   copies = copies or copies_of(prep.config, name)
   ctx = ctx or make_context(prep, name=name)
   method = registry.get(name)(ctx, copies)
-  key, _ = run_fingerprint(prep, name, copies)
+  key, _ = run_fingerprint(prep, name, copies, loop_kwargs.get('time_budget_s'))
   ckpt_dir = os.path.join(ckpt_root or os.path.join(prep.workdir, 'checkpoints'), name, key)
   loop_kwargs.setdefault('tb_dir', os.path.join(prep.workdir, 'tensorboard', name, key))
   loop_kwargs.setdefault('chunk_size', int(prep.config.copies_per_program))
@@ -311,7 +313,12 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   result = loop.run(method, original, ckpt_dir, mesh=prep.mesh, desc=f'unlearn {name}',
                     **loop_kwargs)
   steps = [sum(e['steps'] for e in h) for h in result.histories]
-  if method.epochs > 0 and min(steps, default=0) == 0:
+  stopped_at_start = result.stopping is not None and any(
+      s['best_epoch'] == -1 and s['epochs_scored'] == 1 for s in result.stopping)
+  if stopped_at_start:
+    log.info('%s: the forget set already looks like the validation non-members (attack at '
+             'chance) for some copies: they keep the original', name)
+  elif method.epochs > 0 and min(steps, default=0) == 0:
     raise RuntimeError(f'{name}: no step was taken in {method.epochs} epochs (an empty forget '
                        f'or retain stream?); see {ckpt_dir}')
   result.fingerprint = key
@@ -331,6 +338,9 @@ def stopping_rule(prep: Prepared, original, name):
   rule = prep.config.stop
   if rule.rule == 'none' or config_lib.method_config(prep.config, name).get('fixed_schedule'):
     return None
+  if len(prep.split.val_idx) == 0:
+    raise ValueError('stop.rule=validation needs validation non-members, and this split has '
+                     'none (data.val_fraction=0, or a forget request): set --config.stop.rule=none')
   monitor = validation_monitor(prep, original)
   done = (lambda scores: monitor.at_chance(scores, float(rule.z))) if rule.at_chance else None
   return loop.Stopping(monitor, patience=int(rule.patience), min_delta=float(rule.min_delta),

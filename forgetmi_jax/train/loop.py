@@ -368,7 +368,8 @@ def _restore_hparams(hparams, saved):
 
 def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None,
         chunk_size: int = 0, memory_budget_bytes: float | None = None,
-        tb_dir: str | None = None, stopping: Stopping | None = None) -> Result:
+        tb_dir: str | None = None, stopping: Stopping | None = None,
+        time_budget_s: float | None = None) -> Result:
   """Run `method`'s copies from `original` ({'params', 'batch_stats'}) for its epochs.
 
   Per-epoch checkpoints under `ckpt_dir` (one folder per chunk); a killed run resumes from the
@@ -376,7 +377,10 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size` run in equal
   chunks. With `tb_dir`, TensorBoard event files get every step's metrics and each epoch's
   learning rate and examples/s (tags `<method>/<metric>`, per copy `<method>/<copy>/<metric>`).
-  With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`).
+  With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`). With
+  `time_budget_s` (seconds per copy: a chunk of k copies gets k times it), the run ends at the
+  first step past the budget, finishing that epoch's hooks, scoring and checkpoint (an
+  equal-wall-time comparison).
   """
   mesh = mesh or parallel.make_mesh()
   n = len(method.copies)
@@ -400,8 +404,9 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     key = (len(sub.copies), sub.shared_batch)  # chunks of one shape share one compiled step
     if key not in programs:
       programs[key] = _Program(method.step, *key)
+    budget = None if time_budget_s is None else float(time_budget_s) * len(sub.copies)
     s, h, first, track = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb, programs[key],
-                                    stopping)
+                                    stopping, budget)
     resumed.append(first)
     states += s[:size]
     histories += h[:size]
@@ -438,8 +443,10 @@ def _write_events(writer, tags, first_step, metrics_per_step, epoch_scalars):
   writer.flush()
 
 
-def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, stopping=None):
+def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, stopping=None,
+               budget_s=None):
   n = len(method.copies)
+  t_start = time.time()
   states = stack([method.init_state(original, c) for c in method.copies])
   hparams = stack([method.hparams(c) for c in method.copies])
   ckpt = Checkpoints(ckpt_dir)
@@ -466,8 +473,9 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
   tags = _tags(method, n)
   with tqdm(total=method.epochs, initial=start, desc=desc, unit='epoch',
             dynamic_ncols=True) as bar:
+    out_of_time = False
     for epoch in range(start, method.epochs):
-      if track is not None and track.all_stopped:
+      if out_of_time or (track is not None and track.all_stopped):
         break
       hparams = method.start_epoch(epoch, hparams)
       metrics, steps, seen, t_epoch, logged = None, 0, 0, time.time(), []
@@ -480,6 +488,9 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
         seen += _real_rows(batch)
         if writer is not None:
           logged.append(metrics)
+        if budget_s is not None and time.time() - t_start > budget_s:
+          out_of_time = True
+          break
       states = program.leave(carry)
       last = ({k: np.asarray(v).reshape(n) for k, v in jax.device_get(metrics).items()}
               if metrics is not None else {})

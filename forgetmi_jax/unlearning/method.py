@@ -95,12 +95,18 @@ class UnlearningMethod(Method):
       raise ValueError(f"{self.name}.retain_pass={mode!r} is not one of ('sample', 'full')")
     return mode == 'full'
 
-  def seed_batches(self, epoch, seed):
-    full = self.full_retain_pass()
+  def paired_batches(self, epoch, seed, retain_examples=None):
+    """The forget set once, each batch paired with retain examples (a forget-sized sample, or
+    `retain_examples` of them with the forget set cycled)."""
     return unlearning_batches(self.ctx.source, self.ctx.split.forget_idx,
                               self.retain_sampler(seed), epoch, int(self.cfg.batch_size),
                               noisy_tokens=self.ctx.noisy_tokens, seed=int(seed),
-                              retain_examples=len(self.ctx.split.retain_idx) if full else None)
+                              retain_examples=retain_examples)
+
+  def seed_batches(self, epoch, seed):
+    full = self.full_retain_pass()
+    return self.paired_batches(epoch, seed,
+                               len(self.ctx.split.retain_idx) if full else None)
 
   def prepare_batch(self, batch, epoch, seed):
     """Only Forget-MI reads the noisy forget copies: the others do not ship them."""

@@ -6,8 +6,9 @@ KL_T(t, s) = KL(softmax(t/T) || softmax(s/T)) * T^2 per sample, summed over the 
 joint heads (all three are trained, like the CE). Epoch e runs
   max steps on every forget batch (loss = -KL_T)              while e < msteps, then
   min steps on the retain sample (loss = gamma*CE + alpha*KL_T)  every epoch,
-as whole passes in that order (SCRUB's algorithm); the retain sample is the shared one of the
-forget set's size. Which passes an epoch runs is `epoch_phases(epoch, msteps)`.
+as whole passes in that order (SCRUB's algorithm); the min phase covers the whole retain set
+(`retain_pass='full'`, SCRUB's) or the shared forget-sized retain sample ('sample'). Which
+passes an epoch runs is `epoch_phases(epoch, msteps)`.
 """
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,6 @@ import jax.numpy as jnp
 from forgetmi_jax import rng as rng_lib
 from forgetmi_jax.models.apply import eval_outputs, forward, model_inputs
 from forgetmi_jax.train.losses import distill_kl, heads_ce, masked_mean
-from forgetmi_jax.data.pipeline import unlearning_batches
 from forgetmi_jax.unlearning.method import UnlearningMethod
 
 LOGIT_FIELDS = ('logits_img', 'logits_txt', 'logits_joint')
@@ -79,9 +79,7 @@ class ScrubMethod(UnlearningMethod):
           yield {'retain': batch}
         continue
       part = 'forget' if phase == 'max' else 'retain'
-      for batch in unlearning_batches(self.ctx.source, self.ctx.split.forget_idx,
-                                      self.retain_sampler(seed), epoch, int(self.cfg.batch_size),
-                                      seed=int(seed)):
+      for batch in self.paired_batches(epoch, seed):
         yield {part: batch[part]}
 
   def step(self, state, original, batch, rng, hparams):
