@@ -40,6 +40,9 @@ def run(config, config_name='run'):
              'fingerprint': {name: result.fingerprint},
              'cache_dir_relative': os.path.relpath(prep.cache_dir, prep.workdir),
              'history': {name: result.histories[0]},
+             'stopping': {name: None if result.stopping is None else [
+                 {k: s[k] for k in ('best_epoch', 'best_score', 'epochs_scored')}
+                 for s in result.stopping]},
              'wall_seconds': {'total': time.time() - t_start,
                               'retrain_all_seeds': float(sum(t_retrain)),
                               f'{name}_all_seeds': float(result.seconds)}}
@@ -95,8 +98,9 @@ def reevaluate(workdir):
 
 
 def restore_copies(method, original, ckpt_dir):
-  """The copies' last states from a finished run's checkpoints, in one folder or in the
-  `chunk{c}-of-{k}` folders of a chunked run (each chunk padded to the largest)."""
+  """The copies' final states from a finished run's checkpoints (an early-stopped copy's best
+  epoch), in one folder or in the `chunk{c}-of-{k}` folders of a chunked run (each chunk
+  padded to the largest)."""
   n = len(method.copies)
   chunked = sorted(d for d in os.listdir(ckpt_dir) if d.startswith('chunk'))
   k = int(chunked[0].split('-of-')[1]) if chunked else 1
@@ -105,11 +109,14 @@ def restore_copies(method, original, ckpt_dir):
   for c, size in enumerate(sizes):
     chunk = method.copies[start:start + size]
     chunk = chunk + [chunk[-1]] * (max(sizes) - size)
-    ckpt = Checkpoints(ckpt_dir if k == 1 else os.path.join(ckpt_dir, f'chunk{c}-of-{k}'))
+    chunk_dir = ckpt_dir if k == 1 else os.path.join(ckpt_dir, f'chunk{c}-of-{k}')
+    ckpt = Checkpoints(chunk_dir)
     try:
-      restored, _ = ckpt.restore(loop.stack([method.init_state(original, cp) for cp in chunk]))
+      restored, extra = ckpt.restore(loop.stack([method.init_state(original, cp)
+                                                 for cp in chunk]))
     finally:
       ckpt.close()
-    states += loop.unstack(restored, len(chunk))[:size]
+    chunk_states = loop.final_states(loop.unstack(restored, len(chunk)), extra, chunk_dir)
+    states += chunk_states[:size]
     start += size
   return states

@@ -248,14 +248,14 @@ class Stopping:
 class _StopTrack:
   """Per-copy best score, best epoch, epochs since the best, and the best variables (host)."""
 
-  def __init__(self, stopping: Stopping, n: int, saved=None, best_dir=None):
+  def __init__(self, stopping: Stopping, n: int, saved=None):
     self.stopping, self.n = stopping, n
     saved = saved or {}
     self.best_score = list(saved.get('best_score', [math.inf] * n))
     self.best_epoch = list(saved.get('best_epoch', [None] * n))
     self.since = list(saved.get('since', [0] * n))
     self.scores = saved.get('scores', [[] for _ in range(n)])
-    self.best_dir = saved.get('best_dir', best_dir)
+    self.best_dir = saved.get('best_dir')  # a folder name inside the run's checkpoint folder
     self.best = None
 
   @property
@@ -284,16 +284,16 @@ class _StopTrack:
     return improved
 
   def save_best(self, directory, epoch):
-    """The best variables of every copy (stacked), in a folder named by the epoch."""
-    path = os.path.join(directory, f'best-after-{epoch}')
-    save_variables(path, stack(self.best))
-    old, self.best_dir = self.best_dir, path
-    return old
+    """The best variables of every copy (stacked), in a folder named by the epoch; returns
+    the folder it replaces (to delete once the epoch's checkpoint names the new one)."""
+    name = f'best-after-{epoch}'
+    save_variables(os.path.join(directory, name), stack(self.best))
+    old, self.best_dir = self.best_dir, name
+    return os.path.join(directory, old) if old else None
 
-  def restore_best(self, like_per_copy):
+  def restore_best(self, directory, like_per_copy):
     if self.best_dir and self.best is None:
-      stacked = load_variables(self.best_dir, stack(like_per_copy))
-      self.best = unstack(stacked, self.n)
+      self.best = restore_best_variables(directory, self.best_dir, like_per_copy)
 
   def to_json(self):
     return {'best_score': self.best_score, 'best_epoch': self.best_epoch, 'since': self.since,
@@ -304,6 +304,24 @@ class _StopTrack:
     return [{'best_epoch': self.best_epoch[j], 'best_score': self.best_score[j],
              'epochs_scored': len(self.scores[j]), 'stopped': self.since[j] >= patience,
              'scores': self.scores[j]} for j in range(self.n)]
+
+
+def restore_best_variables(ckpt_dir, best_dir, like_per_copy):
+  """The per-copy best variables a stopped run saved under `ckpt_dir`."""
+  stacked = load_variables(os.path.join(ckpt_dir, best_dir), stack(like_per_copy))
+  return unstack(stacked, len(like_per_copy))
+
+
+def final_states(states, extra, ckpt_dir):
+  """A finished run's result from its last checkpoint (`states` per copy, `extra` its JSON):
+  with early stopping each copy's best variables, otherwise the last states."""
+  best_dir = (extra.get('stopping') or {}).get('best_dir')
+  if not best_dir:
+    return states
+  like = [s.variables for s in states]
+  best = restore_best_variables(ckpt_dir, best_dir, like)
+  return [s.replace(params=b['params'], batch_stats=b['batch_stats'])
+          for s, b in zip(states, best)]
 
 
 def _variables(states, n):
@@ -458,7 +476,7 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
     hparams = _restore_hparams(hparams, extra.get('hparams', {}))
     if stopping is not None:
       track = _StopTrack(stopping, n, extra.get('stopping'))
-      track.restore_best(_variables(states, n))
+      track.restore_best(ckpt_dir, _variables(states, n))
     log.info('%s: resuming after epoch %d from %s', desc, start - 1, ckpt_dir)
   elif stopping is not None:  # score the start: epoch -1
     track = _StopTrack(stopping, n)
@@ -515,7 +533,7 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
           if row and row[-1]['epoch'] == epoch:
             histories[j][-1][stopping.key] = row[-1][stopping.key]
       ckpt.save(epoch, states, extra=extra)
-      if old_best and old_best != track.best_dir:
+      if old_best:
         shutil.rmtree(old_best, ignore_errors=True)  # the checkpoint now names the new one
       postfix = {k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:5]}
       if track is not None:  # the copies still running: their best score so far
