@@ -18,9 +18,14 @@ def test_lr_grid_and_selection():
   assert compare.lr_grid(1e-4, (3.0, 0.3, 1.0)) == pytest.approx([3e-5, 1e-4, 3e-4])
   with pytest.raises(ValueError):
     compare.lr_grid(0.0, (1.0,))
-  records = [{'lr': 1.0, 'val_gap': 0.2}, {'lr': 2.0, 'val_gap': 0.05},
-             {'lr': 3.0, 'val_gap': None}, {'lr': 4.0, 'val_gap': 0.05}]
+  records = [{'lr': 1.0, 'val_gap': 0.2, 'epochs_run': 1},
+             {'lr': 2.0, 'val_gap': 0.05, 'epochs_run': 9},
+             {'lr': 3.0, 'val_gap': None, 'epochs_run': 1},
+             {'lr': 4.0, 'val_gap': 0.05, 'epochs_run': 9},
+             {'lr': 5.0, 'val_gap': 0.058, 'epochs_run': 2}]
   assert compare.select(records)['lr'] == 2.0  # lowest gap; ties -> the first (lower lr)
+  assert compare.select(records, tolerance=0.01)['lr'] == 5.0  # as good, and 2 epochs not 9
+  assert compare.select(records, tolerance=0.2)['lr'] == 1.0
   assert compare.select([{'lr': 1.0, 'val_gap': None}])['lr'] == 1.0
 
 
@@ -119,7 +124,8 @@ def test_tuning_selects_from_the_grid_and_reruns_reuse(smoke_run):
   t = payload['tuning']['methods']['cf_k']
   preset = float(config.cf_k.lr)
   assert [r['lr'] for r in t['records']] == pytest.approx([preset * 0.1, preset * 10])
-  best = min(t['records'], key=lambda r: r['val_gap'])
+  best = compare.select(t['records'], config.compare.gap_tolerance)
+  assert min(r['val_gap'] for r in t['records']) >= best['val_gap'] - 0.01
   assert t['selected_lr'] == best['lr'] == payload['models']['cf_k']['lr']
   assert all(r['stop_epoch'] is not None and r['stop_epoch'] >= -1 for r in t['records'])
   assert set(payload['models']) == {'original', 'retrain', 'cf_k'}

@@ -2,10 +2,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import struct
+from scipy.spatial.distance import pdist
 
 from forgetmi_jax.train.losses import safe_norm
-from forgetmi_jax.unlearning.forgetmi import forgetmi_grads, forgetmi_loss, normalised_weights
+from forgetmi_jax.unlearning.forgetmi import (forgetmi_grads, forgetmi_loss, non_member_spread,
+                                              normalised_weights)
 
 TERMS = ('ur', 'uu', 'mu', 'mr')
 
@@ -119,3 +122,66 @@ def test_normalised_weights_reject_bad_weights():
     normalised_weights({'ur': 0, 'uu': 0, 'mu': 0, 'mr': 0})
   rounded = normalised_weights({'ur': 1, 'uu': 1, 'mu': 2, 'mr': 2}, True)
   np.testing.assert_allclose([rounded[k] for k in TERMS], [0.17, 0.17, 0.33, 0.33])
+
+
+def test_bounded_forget_terms_and_their_gradient():
+  """forget_bound: each sample's distance counts up to the bound, -mean(min(d, bound)); a
+  sample past it gives no gradient (beyond the paper; unbounded = the paper)."""
+  b = 3
+  params, batch, targets, hp = _toy_problem()
+  flat = batch['forget']['image'].reshape(b, -1)
+  fu = np.concatenate([flat @ params['wi'], batch['forget']['input_ids'] @ params['wt']], -1)
+  fj = np.tanh(flat @ params['wj'])
+  d_uni = np.mean(np.linalg.norm(fu[None] - targets['forget_uni'], axis=-1), 0)[:2]
+  d_joint = np.mean(np.linalg.norm(fj[None] - targets['forget_joint'], axis=-1), 0)[:2]
+  bound = {'uu': float(np.mean(d_uni)), 'mu': float(d_joint.max()) + 1.0}  # binds one row
+  assert d_uni.min() < bound['uu'] < d_uni.max()
+  bounded = dict(hp, forget_bound={k: jnp.float32(v) for k, v in bound.items()})
+  _, (_, terms) = forgetmi_loss(params, {}, targets, batch, jax.random.PRNGKey(0), bounded,
+                                toy_apply)
+  np.testing.assert_allclose(terms['uu'], -np.mean(np.minimum(d_uni, bound['uu'])), rtol=1e-5)
+  np.testing.assert_allclose(terms['mu'], -np.mean(d_joint), rtol=1e-5)  # not binding
+  # the row past its bound gets no unimodal push: with only UU weighted, the gradient of a
+  # parameter that only that row's input feeds is exactly zero
+  only_uu = dict(bounded, loss_weights=_weights([0.0, 1.0, 0.0, 0.0]))
+  grads, _ = forgetmi_grads(params, {}, targets, batch, jax.random.PRNGKey(0), only_uu,
+                            toy_apply)
+  far = int(np.argmax(d_uni))
+  unbounded, _ = forgetmi_grads(params, {}, targets, batch, jax.random.PRNGKey(0),
+                                dict(hp, loss_weights=_weights([0.0, 1.0, 0.0, 0.0])),
+                                toy_apply)
+  near = 1 - far
+  # per-row gradient of d w.r.t. wt is linear in the row's tokens: compare with the near row's
+  def row_grad(i):
+    g = jax.grad(lambda p: -jnp.linalg.norm(
+        jnp.concatenate([flat[i] @ p['wi'], batch['forget']['input_ids'][i] @ p['wt']])[None]
+        - targets['forget_uni'][:, i], axis=-1).mean() / 2)(params)
+    return g
+  np.testing.assert_allclose(grads['wt'], row_grad(near)['wt'], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(unbounded['wt'], row_grad(near)['wt'] + row_grad(far)['wt'],
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_non_member_spread_is_the_mean_pairwise_distance():
+  rng = np.random.default_rng(0)
+  z_uni, z_joint = rng.normal(size=(7, 4)), rng.normal(size=(7, 3))
+
+  class Source:
+    def __len__(self):
+      return 7
+
+    def get_batch(self, idx, pad_to=None):
+      idx = np.asarray(idx)
+      n = pad_to or len(idx)
+      pad = np.r_[idx, np.repeat(idx[-1:], n - len(idx))]
+      return {'id': pad, 'mask': (np.arange(n) < len(idx)).astype(np.float32),
+              'image': np.zeros((n, 1, 1, 1), np.float32),
+              'input_ids': np.zeros((n, 2), np.int32),
+              'attention_mask': np.ones((n, 2), np.int32), 'label': np.zeros(n, np.int32)}
+
+  def embed(batch):
+    ids = batch['forget']['id']
+    return {'retain_uni': z_uni[ids], 'retain_joint': z_joint[ids]}
+  got = non_member_spread(Source(), np.arange(7), embed, batch_size=3)
+  assert got['uu'] == pytest.approx(pdist(z_uni).mean(), rel=1e-9)
+  assert got['mu'] == pytest.approx(pdist(z_joint).mean(), rel=1e-9)

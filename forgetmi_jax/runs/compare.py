@@ -12,7 +12,9 @@ test labels and removing the retrained models changes no choice):
   trials for all), as stacked copies on seed `config.seed`, with the shared stopping rule
   (`config.stop`: each copy ends at its epoch of lowest validation gap);
 - the selected lr has the lowest validation gap (evaluation/validation.py: forget patients
-  against validation non-members held out of the original's training);
+  against validation non-members held out of the original's training); trials within
+  `gap_tolerance` of the lowest (the gap's sampling noise) count as equal and the one that
+  ran the fewest epochs wins;
 - the final runs use that lr on every seed, with the same stopping rule; their time is the
   method's `seconds` (tuning time is reported apart). A method with `fixed_schedule` (the
   paper's Forget-MI) runs as given. `compare.tune = False` runs every preset lr.
@@ -40,7 +42,8 @@ from forgetmi_jax.unlearning import registry
 log = logging.getLogger('forgetmi_jax')
 
 CRITERION = ('lowest validation gap (forget vs validation non-members, at each trial\'s '
-             'stopping epoch)')
+             'stopping epoch); among trials within compare.gap_tolerance of it, the one that '
+             'ran the fewest epochs')
 
 
 # ------------------------------------------------------------------------------ tuning pieces
@@ -52,13 +55,20 @@ def lr_grid(lr, factors):
   return grid
 
 
-def select(records):
-  """The record with the lowest finite validation gap (the first such: grids are sorted by
-  lr); a diverged trial (inf / nan) is never selected unless all diverged."""
-  def key(r):
+def select(records, tolerance=0.0):
+  """The cheapest record (fewest epochs run, then the lower lr: grids are sorted by lr) among
+  those whose validation gap is within `tolerance` of the lowest finite one; a diverged trial
+  (None / inf / nan) is never selected unless all diverged. Trials closer than the gap's
+  sampling noise are equally good, so the rule then takes the one that unlearns fastest."""
+  def gap(r):
     g = r['val_gap']
     return g if g is not None and math.isfinite(g) else math.inf
-  return min(records, key=key)
+  best = min(gap(r) for r in records)
+  if not math.isfinite(best):
+    return records[0]
+  near = [r for r in records if gap(r) <= best + float(tolerance)]
+  return min(near, key=lambda r: r.get('epochs_run') if r.get('epochs_run') is not None
+             else math.inf)
 
 
 def with_lr(config, name, lr):
@@ -107,17 +117,19 @@ def tune(prep, original, name, cc, time_budget_s=None):
     if stop is None:  # stop.rule = none: score where the schedule ended
       monitor = monitor or setup.validation_monitor(prep, original)
       scores, epoch = monitor(v), None
+      epochs_run = int(method_config(prep.config, name).epochs)
     else:
       scores = next((r for r in stop['scores'] if r['epoch'] == stop['best_epoch']),
                     {'val_gap': math.inf})
-      epoch = stop['best_epoch']
+      epoch, epochs_run = stop['best_epoch'], stop['epochs_scored'] - 1
     records.append({'lr': lr, 'val_gap': _finite(scores.get('val_gap')), 'stop_epoch': epoch,
+                    'epochs_run': epochs_run,
                     **{k: _finite(scores.get(k)) for k in ('member_auc', 'forget_f1',
                                                           'forget_auc', 'val_f1', 'val_auc')},
                     'seconds': sec})
     log.info('tune %s lr=%g: validation gap %s at epoch %s', name, lr,
              records[-1]['val_gap'], epoch)
-  best = select(records)
+  best = select(records, cc.gap_tolerance)
   return {'preset_lr': preset, 'selected_lr': best['lr'], 'records': records,
           'validation_images': int(len(prep.split.val_idx)),
           'seconds': float(sum(r['seconds'] for r in records))}
@@ -274,11 +286,13 @@ def build_markdown(payload):
       for r in t['records']:
         rows.append([report.display_name(name), f"{r['lr']:.3g}", r['val_gap'],
                      r['stop_epoch'] if r['stop_epoch'] is not None else report.MISSING,
-                     r['member_auc'], r['forget_f1'], r['val_f1'],
-                     'yes' if r['lr'] == t['selected_lr'] else '', f"{r['seconds']:.1f}"])
+                     r.get('epochs_run', report.MISSING), r['member_auc'], r['forget_f1'],
+                     r['val_f1'], 'yes' if r['lr'] == t['selected_lr'] else '',
+                     f"{r['seconds']:.1f}"])
     parts.append(report.markdown_table(
-        ['Method', 'lr', 'Val. gap', 'Stop epoch', 'Member AUC', 'Forget F1', 'Val. F1',
-         'Selected', 'Seconds'], rows, align=['l', 'r', 'r', 'r', 'r', 'r', 'r', 'l', 'r']))
+        ['Method', 'lr', 'Val. gap', 'Best epoch', 'Epochs run', 'Member AUC', 'Forget F1',
+         'Val. F1', 'Selected', 'Seconds'], rows,
+        align=['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'l', 'r']))
   else:
     parts.append('Tuning off (`compare.tune = False`): every method ran at its preset lr.')
   stopping = payload.get('stopping') or {}
