@@ -30,6 +30,8 @@ def get_config(arg=None):
   # Also run every baseline under Forget-MI+'s wall time per seed (tuned by the same rule
   # under that budget); their rows read "(Forget-MI+ time)".
   c.compare.equal_time = True
+  # Run the baselines at their reference budgets too (False: only at Forget-MI+'s time).
+  c.compare.reference_budget = True
   if arg.smoke:
     c.compare.tune = False
     c.compare.equal_time = False

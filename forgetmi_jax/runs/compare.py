@@ -171,7 +171,9 @@ def run_comparison(config, config_name='compare'):
   retrains, t_retrain = setup.train_or_load(prep, 'retrain', seeds=seeds)
   states, seconds = {'original': [original], 'retrain': retrains}, {'original': t_orig,
                                                                     'retrain': t_retrain}
-  lrs, tuning = select_settings(prep, original, methods, cc)
+  at_reference = [m for m in methods
+                  if cc.reference_budget or m in config_lib.FORGETMI_GROUPS]
+  lrs, tuning = select_settings(prep, original, at_reference, cc)
   histories, walls, stops = {}, {}, {}
 
   def final(key, budget=None):
@@ -185,7 +187,7 @@ def run_comparison(config, config_name='compare'):
                                                              'epochs_scored')} for s in stop]
     walls[key] = float(sum(seconds[key]))
     log.info('%s done: lr %g, %.1fs for %d seed(s)', key, lrs[key], walls[key], len(seeds))
-  for name in methods:
+  for name in at_reference:
     final(name)
   budget = None
   if cc.equal_time and 'forgetmi' in methods:  # the baselines again, in Forget-MI+'s time
@@ -197,7 +199,7 @@ def run_comparison(config, config_name='compare'):
       if name in eq_tuning:
         tuning[name + EQUAL_TIME] = eq_tuning[name]
       final(name + EQUAL_TIME, budget)
-  methods = tuple(methods) + tuple(k for k in states if k.endswith(EQUAL_TIME))
+  methods = tuple(at_reference) + tuple(k for k in states if k.endswith(EQUAL_TIME))
   results, _, _, summary, per_example = evaluate_runs(
       prep.model, prep.source, prep.split, states, seconds, config.eval, prep.cohort.subject_id)
   names = [k for k in ('original', 'retrain') + methods if k in states]
