@@ -18,6 +18,10 @@ from forgetmi_jax.config import parse_arg
 def get_config(arg=None):
   arg = parse_arg(arg, pct=10, smoke=False, method='forgetmi')
   c = unlearn.build(arg)
+  # The paper's grid at the paper's schedule (all epochs): an ablation of the loss weights,
+  # noise and lr at a fixed budget. --config.stop.rule=validation stops every setting by the
+  # validation rule instead.
+  c.stop.rule = 'none'
   c.ablation = ml_collections.ConfigDict()
   c.ablation.settings = ('no_noise', 'equal', 'multimodal', 'unimodal', 'retention')
   c.ablation.noise = ((0.0, 0.05), (0.0, 0.1), (0.1, 0.1))  # image (mu, sigma) on [0, 1] pixels

@@ -12,7 +12,9 @@ from forgetmi_jax.config import parse_arg
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, smoke=False, method='forgetmi', pct=10)
+  # The paper's Forget-MI by default: a request has no validation patients for Forget-MI+'s
+  # stopping rule (below), and its fast rate is only safe with that rule.
+  arg = parse_arg(arg, smoke=False, method='forgetmi_paper', pct=10)
   c = unlearn.build(arg)  # the method's settings; the forget set comes from the request
   c.request = ml_collections.ConfigDict()
   c.request.subjects_csv = ''  # CSV with a subject_id column

@@ -200,8 +200,15 @@ def test_vmapped_grid_matches_sequential_runs(prepared, tmp_path):
     for ev, es in zip(hv, hs):
       for k in LOSSES:
         assert ev[k] == pytest.approx(es[k], rel=1e-4, abs=1e-6), (setting.setting_id, k)
-    for a, b in zip(jax.tree_util.tree_leaves(v.params), jax.tree_util.tree_leaves(s.params)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    # to float rounding: the L2 distance is under 1 % of how far the copy moved (measured
+    # 0.16 %; a max-abs bound fails under Adam, which turns rounding in near-zero gradients
+    # into lr-sized steps; a copy fed another copy's batches or targets lands 20-100 % away)
+    diff = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b)) ** 2) for a, b in
+                       zip(jax.tree_util.tree_leaves(v.params), jax.tree_util.tree_leaves(s.params))))
+    move = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b)) ** 2) for a, b in
+                       zip(jax.tree_util.tree_leaves(s.params),
+                           jax.tree_util.tree_leaves(original['params']))))
+    assert diff <= 1e-2 * move, (setting.setting_id, diff, move)
     np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
         v.batch_stats)]), np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
             s.batch_stats)]), rtol=1e-4, atol=1e-5)

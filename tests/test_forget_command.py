@@ -21,6 +21,7 @@ def _config(tmp_path, **overrides):
   base = tiny_config(tmp_path / 'run', **overrides)
   with c.unlocked():
     c.data, c.train, c.forgetmi = base.data, base.train, base.forgetmi
+    c.data.val_fraction = 0.0  # a request's original saw every non-TEST patient
     c.workdir, c.cache_dir = base.workdir, base.cache_dir
     c.request.export_reference = False
   return c
@@ -70,8 +71,10 @@ def test_tensorboard_events_of_the_run(done):
   for root, _, files in os.walk(tmp / 'run' / 'tensorboard'):
     if any(f.startswith('events') for f in files):
       tags |= set(read_scalars(root))
-  for tag in ('forgetmi/loss', 'forgetmi/ur', 'forgetmi/uu', 'forgetmi/mu', 'forgetmi/mr',
-              'forgetmi/lr', 'forgetmi/examples_per_s', 'train/loss', 'train/lr'):
+  name = request_config.get_config().method  # the paper's Forget-MI for a request
+  assert name == 'forgetmi_paper'
+  for tag in (f'{name}/loss', f'{name}/ur', f'{name}/uu', f'{name}/mu', f'{name}/mr',
+              f'{name}/lr', f'{name}/examples_per_s', 'train/loss', 'train/lr'):
     assert tag in tags, (tag, sorted(tags))
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from forgetmi_jax.runs import setup as run_setup
 from forgetmi_jax.train import loop
+from forgetmi_jax.train.checkpoints import Checkpoints
 from forgetmi_jax.unlearning.neggrad_plus import NegGradPlusMethod
 from tests.helpers import tiny_config
 
@@ -106,3 +107,26 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(prep, tmp_path):
   again = loop.run(_method(prep, 1, 6), original, str(part),
                    stopping=loop.Stopping(Scripted({0: []}), patience=2))
   _same(again.states[0].params, full.states[0].params)
+
+
+def test_reevaluation_restores_the_best_epoch(prep, tmp_path):
+  """A finished stopped run read back from its checkpoint folder (experiments/evaluate.py's
+  path) gives each copy's best epoch, not its last state."""
+  original = prep.init_variables(0)
+  rule = loop.Stopping(Scripted({0: [1.0, 0.5, 0.9, 0.9], 1: [1.0, 0.9, 0.8, 0.7, 0.6]}),
+                       patience=2)
+  method = _method(prep, 2, 3)
+  result = loop.run(method, original, str(tmp_path / 'r'), stopping=rule)
+  ckpt = Checkpoints(str(tmp_path / 'r'))
+  try:
+    restored, extra = ckpt.restore(loop.stack([method.init_state(original, c)
+                                               for c in method.copies]))
+  finally:
+    ckpt.close()
+  last = loop.unstack(restored, 2)
+  final = loop.final_states(last, extra, str(tmp_path / 'r'))
+  for got, want in zip(final, result.states):
+    _same(got.params, want.params)
+  assert result.stopping[0]['best_epoch'] == 0
+  assert not np.array_equal(jax.tree.leaves(last[0].params)[0],
+                            jax.tree.leaves(final[0].params)[0])
