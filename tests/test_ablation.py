@@ -203,8 +203,9 @@ def test_vmapped_grid_matches_sequential_runs(prepared, tmp_path):
     # to float rounding: the L2 distance is under 1 % of how far the copy moved (measured
     # 0.16 %; a max-abs bound fails under Adam, which turns rounding in near-zero gradients
     # into lr-sized steps; a copy fed another copy's batches or targets lands 20-100 % away)
-    diff = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b)) ** 2) for a, b in
-                       zip(jax.tree_util.tree_leaves(v.params), jax.tree_util.tree_leaves(s.params))))
+    leaves = jax.tree_util.tree_leaves
+    diff = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b)) ** 2)
+                       for a, b in zip(leaves(v.params), leaves(s.params))))
     move = np.sqrt(sum(np.sum((np.asarray(a, np.float64) - np.asarray(b)) ** 2) for a, b in
                        zip(jax.tree_util.tree_leaves(s.params),
                            jax.tree_util.tree_leaves(original['params']))))

@@ -234,8 +234,9 @@ class Stopping:
   epoch. A copy whose best score has not improved by more than `min_delta` for `patience`
   epochs stops and ends with its best epoch's variables; a method that only hurts therefore
   returns its start. With `done_fn`, a copy also stops at once at a new best epoch whose
-  scores meet it (e.g. the membership attack at chance). The run ends once every copy has stopped (a stopped copy stacked with
-  running ones keeps stepping, but its result stays its best epoch's).
+  scores meet it (e.g. the membership attack at chance). The run ends once every copy has
+  stopped (a stopped copy stacked with running ones keeps stepping, but its result stays its
+  best epoch's).
   """
   score_fn: Callable  # variables -> {key: float, ...}
   patience: int = 2
