@@ -10,6 +10,7 @@ import pytest
 
 from forgetmi_jax import config as config_lib
 from forgetmi_jax.runs import setup
+from forgetmi_jax.unlearning import registry
 from tests.helpers import ROOT, tiny_config
 
 SHIPPED = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -28,7 +29,9 @@ def load(path, arg=None):
 def test_shipped_config_is_valid(path, arg):
   c = load(path, arg)
   config_lib.resolve(c)
-  assert c.method in ('forgetmi', 'neggrad_plus', 'scrub', 'cf_k', 'eu_k', 'multidelete')
+  assert c.method in registry.names()
+  assert set(registry.names()) >= {'forgetmi', 'forgetmi_paper', 'neggrad_plus', 'scrub', 'cf_k',
+                                   'eu_k', 'multidelete'}
   if arg == 'smoke':
     assert c.data.synthetic.num_subjects == 80
 
