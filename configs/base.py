@@ -48,6 +48,10 @@ def build(arg):
   # stopping choice reads them, never the test set or the retrained model. 0 = none.
   c.data.val_fraction = 0.05
   c.data.val_seed = 0
+  # Where the training loops read the cohort from: 'device' keeps it on the accelerator
+  # (stored losslessly, batches gathered there), 'host' streams it with grain, 'auto' picks
+  # the device on a GPU/TPU when the images take at most half its memory. Same batches.
+  c.data.placement = 'auto'
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.num_subjects = 1663
   c.data.synthetic.severity_signal = -1.0  # <0: generator default
@@ -58,6 +62,11 @@ def build(arg):
   c.model = ml_collections.ConfigDict()
   c.model.num_classes = 4
   c.model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16' (params/optimiser stay float32)
+  # Each step's text is cut to its longest report, rounded up to a bucket (data/trim.py):
+  # 'pow2' (16, 32, 64, ..., max_text_len), 'multiple' (of 16), 'none' (always max_text_len).
+  # The same outputs as the padded batch (to float rounding); dropout masks are drawn at the
+  # cut length, so train-mode runs differ from 'none' by their random draws only.
+  c.model.text_buckets = 'pow2'
   c.model.image = ml_collections.ConfigDict()
   c.model.image.preset = 'fast64'  # 'paper' (2048x2048 exact), 'small128', 'small64', 'fast64', 'small32'
   c.model.text = ml_collections.ConfigDict()

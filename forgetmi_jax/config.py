@@ -32,9 +32,11 @@ _CHOICES = {
     'stop.rule': ('validation', 'none'),
     'forgetmi.forget_bound': ('none', 'validation'),
     'forgetmi_paper.forget_bound': ('none', 'validation'),
+    'model.text_buckets': ('pow2', 'multiple', 'none'),
+    'data.placement': ('auto', 'host', 'device'),
 }
 # Keys that say where things go, not what is computed: left out of every fingerprint.
-_NOT_RESULT_KEYS = ('workdir', 'cache_dir', 'data.data_dir')
+_NOT_RESULT_KEYS = ('workdir', 'cache_dir', 'data.data_dir', 'data.placement')
 
 
 def parse_arg(arg, **spec):

@@ -1,19 +1,20 @@
 """Device-resident data: batches gathered on the device equal the host pipeline's, bit for bit
-(against the host pipeline fed the same quantised images; lossless for 8- and 16-bit sources)."""
+(against the host pipeline fed the same quantised images; lossless for 8- and 16-bit sources).
+Both sources go through the same `pipeline` iterators."""
 import dataclasses
 
 import numpy as np
 import pytest
 
 from forgetmi_jax.data.device_data import (DeviceSource, dequantise, device_memory_bytes,
-                                           fits_on_device, image_bytes, maybe_device_source,
-                                           pad_indices, quantise, real_lengths)
+                                           fits_on_device, image_bytes, make_train_source,
+                                           quantise)
 from forgetmi_jax.data.forget_sets import RetainSampler
 from forgetmi_jax.data.pipeline import (BATCH_KEYS, NoisyTokens, batches, make_source,
-                                        unlearning_batches)
+                                        pad_indices, target_batches, unlearning_batches)
 from forgetmi_jax.data.synthetic import make_synthetic_cohort
 from forgetmi_jax.data.tokenizer import train_wordpiece_tokenizer
-from forgetmi_jax.data.trim import trim_batch
+from forgetmi_jax.data.trim import real_lengths, trim_batch
 
 MAX_LEN = 96
 
@@ -50,7 +51,7 @@ def test_uint8_batches_equal_host_pipeline_on_quantised_images(cohort_and_tokeni
   assert dev.nbytes == q.nbytes + 2 * source.input_ids.nbytes + source.labels.nbytes
   idx = np.random.default_rng(0).permutation(len(source))[:27]
   host = list(batches(host_source, idx, 8, seed=3, epoch=1))
-  devb = list(dev.batches(idx, 8, seed=3, epoch=1))
+  devb = list(batches(dev, idx, 8, seed=3, epoch=1))
   assert len(host) == len(devb) == 4 and host[-1]['mask'].sum() == 3  # padded last batch
   for d, h in zip(devb, host):
     _assert_same_batch(d, h)
@@ -67,7 +68,7 @@ def test_integer_sources_are_stored_losslessly(cohort_and_tokenizer, dtype):
   dev = DeviceSource.from_source(source, dtype=dtype)
   assert dev.quantisation_error == 0.0 and dev.images.dtype == np.dtype(dtype)
   idx = np.arange(0, len(source), 3)
-  for d, h in zip(dev.batches(idx, 16), batches(source, idx, 16)):
+  for d, h in zip(batches(dev, idx, 16), batches(source, idx, 16)):
     _assert_same_batch(d, h)
 
 
@@ -98,20 +99,39 @@ def test_unlearning_batches_equal_host_and_trimmed_host(cohort_and_tokenizer):
   buckets = (32, 48, 64, 80)  # the reports here have 36-88 tokens
   for epoch in (0, 1):
     host = list(unlearning_batches(source, forget_idx, sampler, epoch, 4, noisy, seed=5))
-    plain = list(dev.unlearning_batches(forget_idx, sampler, epoch, 4, noisy, seed=5))
-    cut = list(dev.unlearning_batches(forget_idx, sampler, epoch, 4, noisy, seed=5,
-                                      buckets=buckets))
-    assert len(host) == len(plain) == len(cut) > 1
-    for h, p, c in zip(host, plain, cut):
-      t = trim_batch(h, buckets)
+    plain = list(unlearning_batches(dev, forget_idx, sampler, epoch, 4, noisy, seed=5))
+    cut = list(unlearning_batches(dev, forget_idx, sampler, epoch, 4, noisy, seed=5,
+                                  buckets=buckets))
+    host_cut = list(unlearning_batches(source, forget_idx, sampler, epoch, 4, noisy, seed=5,
+                                       buckets=buckets))
+    assert len(host) == len(plain) == len(cut) == len(host_cut) > 1
+    for h, p, c, hc in zip(host, plain, cut, host_cut):
+      t = trim_batch(h, buckets)  # cutting the padded host batch afterwards
       for s in ('forget', 'retain'):
         _assert_same_batch(p[s], h[s])
         _assert_same_batch(c[s], t[s])
+        _assert_same_batch(hc[s], t[s])
       for k in ('input_ids', 'attention_mask'):
         np.testing.assert_array_equal(np.asarray(p['forget_noisy'][k]), h['forget_noisy'][k])
         np.testing.assert_array_equal(np.asarray(c['forget_noisy'][k]), t['forget_noisy'][k])
+        np.testing.assert_array_equal(hc['forget_noisy'][k], t['forget_noisy'][k])
     widths = {c['forget']['input_ids'].shape[1] for c in cut}
     assert widths <= {64, 80, MAX_LEN} and min(widths) < MAX_LEN, widths
+  # The frozen model's targets are read in the same batches from either source.
+  for d, h in zip(target_batches(dev, forget_idx, 4, noisy, buckets=buckets),
+                  target_batches(source, forget_idx, 4, noisy, buckets=buckets)):
+    _assert_same_batch(d['forget'], h['forget'])
+    np.testing.assert_array_equal(d['forget_noisy']['input_ids'], h['forget_noisy']['input_ids'])
+
+
+def test_device_batches_carry_host_ids_and_masks(cohort_and_tokenizer):
+  """The step's bookkeeping (real rows, cached-target lookups by id) reads host arrays: the
+  device is never read back per step."""
+  cohort, tok = cohort_and_tokenizer
+  dev = DeviceSource.from_source(make_source(cohort, tok, MAX_LEN), dtype='float32')
+  b = dev.get_batch([3, 1], pad_to=4)
+  assert isinstance(b['id'], np.ndarray) and isinstance(b['mask'], np.ndarray)
+  assert not isinstance(b['image'], np.ndarray)  # a device array
 
 
 def test_pad_indices_and_lengths():
@@ -135,12 +155,17 @@ def test_fits_on_device_arithmetic():
     fits_on_device(1, 1, 1, 1, fraction=0)
 
 
-def test_maybe_device_source(cohort_and_tokenizer):
+def test_make_train_source_placement(cohort_and_tokenizer):
   cohort, tok = cohort_and_tokenizer
   source = make_source(cohort, tok, MAX_LEN)
   limit = device_memory_bytes()
   assert limit is not None and limit > 2 ** 28
-  assert isinstance(maybe_device_source(source, 'uint8'), DeviceSource)
-  assert maybe_device_source(source, 'uint8', fraction=1e-9) is None
+  assert make_train_source(source, 'host') is source
+  assert make_train_source(source, 'auto') is source  # a CPU: no transfer to save
+  dev = make_train_source(source, 'device')
+  assert isinstance(dev, DeviceSource) and dev.dtype == 'float32'  # synthetic floats: exact
+  assert dev.cohort is cohort and np.array_equal(dev.lengths, source.lengths)
+  with pytest.raises(ValueError, match='data.placement'):
+    make_train_source(source, 'gpu')
   with pytest.raises(ValueError, match='image dtype'):
     DeviceSource.from_source(source, dtype='int8')

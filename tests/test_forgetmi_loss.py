@@ -170,7 +170,7 @@ def test_non_member_spread_is_the_mean_pairwise_distance():
     def __len__(self):
       return 7
 
-    def get_batch(self, idx, pad_to=None):
+    def get_batch(self, idx, pad_to=None, text_len=None):
       idx = np.asarray(idx)
       n = pad_to or len(idx)
       pad = np.r_[idx, np.repeat(idx[-1:], n - len(idx))]

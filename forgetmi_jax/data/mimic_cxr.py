@@ -694,6 +694,7 @@ class ArrayRecordImages:
   `build_key`: the build's content key (see `open_build`), for cache keys of whatever is
   derived from these images.
   """
+  storage_dtype = 'uint16'  # what the build stores: a device copy in uint16 is lossless
 
   def __init__(self, source, image_size: int, build_key: str | None = None):
     self.source = source

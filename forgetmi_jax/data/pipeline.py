@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from forgetmi_jax.data.tokenizer import tokenizer_fingerprint
+from forgetmi_jax.data.trim import bucket_length, real_lengths
 from forgetmi_jax.io_utils import atomic_write
 
 BATCH_KEYS = ('image', 'input_ids', 'attention_mask', 'label', 'id', 'mask')
@@ -97,6 +98,7 @@ class ExampleSource:
     self.input_ids = np.asarray(input_ids, np.int32)
     self.attention_mask = np.asarray(attention_mask, np.int32)
     self.labels = np.asarray(cohort.labels, np.int32)
+    self._lengths = None
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -113,18 +115,34 @@ class ExampleSource:
   def max_len(self) -> int:
     return self.input_ids.shape[1]
 
-  def get_batch(self, idx, pad_to: int | None = None) -> dict:
-    idx = np.asarray(idx, np.int64).reshape(-1)
-    n = len(idx)
-    if n == 0:
-      raise ValueError('empty batch')
-    mask = np.ones(n, np.float32)
-    if pad_to is not None and n < pad_to:
-      idx = np.concatenate([idx, np.repeat(idx[:1], pad_to - n)])
-      mask = np.concatenate([mask, np.zeros(pad_to - n, np.float32)])
-    return {'image': self.cohort.get_images(idx), 'input_ids': self.input_ids[idx],
-            'attention_mask': self.attention_mask[idx], 'label': self.labels[idx],
+  @property
+  def lengths(self) -> np.ndarray:
+    """Per image: its report's real token count (host side: picks each batch's text length)."""
+    if self._lengths is None:
+      self._lengths = real_lengths(self.attention_mask)
+    return self._lengths
+
+  def get_batch(self, idx, pad_to: int | None = None, text_len: int | None = None) -> dict:
+    """Rows `idx` (padded to `pad_to` by `pad_indices`), text cut to `text_len` positions."""
+    idx, mask = pad_indices(idx, pad_to)
+    text = slice(None) if text_len is None else slice(0, int(text_len))
+    return {'image': self.cohort.get_images(idx), 'input_ids': self.input_ids[idx, text],
+            'attention_mask': self.attention_mask[idx, text], 'label': self.labels[idx],
             'id': idx.astype(np.int32), 'mask': mask}
+
+
+def pad_indices(idx, pad_to: int | None = None):
+  """(indices, mask) of a batch padded to `pad_to` rows by repeating its first index, mask 0
+  on the copies (padding rows keep valid ids, so lookups by id stay in range)."""
+  idx = np.asarray(idx, np.int64).reshape(-1)
+  if len(idx) == 0:
+    raise ValueError('empty batch')
+  mask = np.ones(len(idx), np.float32)
+  if pad_to is not None and len(idx) < pad_to:
+    extra = pad_to - len(idx)
+    idx = np.concatenate([idx, np.repeat(idx[:1], extra)])
+    mask = np.concatenate([mask, np.zeros(extra, np.float32)])
+  return idx, mask
 
 
 def make_arrays(cohort, tokenized: dict) -> ExampleSource:
@@ -180,22 +198,39 @@ def noisy_token_table(source, cohort, forget_idx, noiser, num_draws: int, tokeni
 
 
 # -------------------------------------------------------------------------------- iterators
-def _read_options(num_threads: int, prefetch: int):
-  return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+def _read_options(source, num_threads: int, prefetch: int):
+  # A device-resident source gathers on the device: its reads are asynchronous already.
+  threads = 0 if getattr(source, 'on_device', False) else num_threads
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
 
 
 def _epoch_rng(seed: int, epoch: int, purpose: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), int(epoch), purpose])
 
 
-def batches(source: ExampleSource, indices, batch_size: int, *, seed: int | None = None,
+def step_length(source, buckets, rows, noisy=None) -> int | None:
+  """The text length of a step over `rows` (arrays of image rows) and its noisy tokens: the
+  longest real report rounded up to a bucket (trim.py), read from host-side lengths only (a
+  device-resident batch is never read back). None without buckets (keep max_len)."""
+  if buckets is None:
+    return None
+  longest = max(int(np.max(source.lengths[np.asarray(r, np.int64)], initial=0)) for r in rows)
+  if noisy is not None:
+    longest = max(longest, int(np.max(real_lengths(noisy['attention_mask']), initial=0)))
+  usable = sorted({int(b) for b in buckets if int(b) < source.max_len} | {source.max_len})
+  return bucket_length(longest, usable)
+
+
+def batches(source, indices, batch_size: int, *, seed: int | None = None,
             epoch: int = 0, drop_remainder: bool = False, pad_to_batch: bool = True,
-            num_threads: int = 1, prefetch: int = 2) -> Iterator[dict]:
+            num_threads: int = 1, prefetch: int = 2, buckets=None) -> Iterator[dict]:
   """Batches over `indices` (shuffled by (seed, epoch) when seed is given), via grain.
 
+  `source`: an ExampleSource, or a device_data.DeviceSource (same batches, on the device).
   Pipeline: grain MapDataset over batch numbers -> map(slice of the permuted index array ->
   source.get_batch, one vectorised read per batch) -> IterDataset with `num_threads` reader
   threads prefetching `prefetch` batches (num_threads=0: read in the caller's thread).
+  `buckets` (trim.py): each batch's text is cut to its longest report's bucket.
   """
   indices = np.asarray(indices, np.int64).reshape(-1)
   if batch_size < 1:
@@ -210,16 +245,26 @@ def batches(source: ExampleSource, indices, batch_size: int, *, seed: int | None
 
   def read(s):
     s = int(s)
-    return source.get_batch(indices[s * batch_size:(s + 1) * batch_size], pad_to=pad)
+    rows = indices[s * batch_size:(s + 1) * batch_size]
+    return source.get_batch(rows, pad_to=pad, text_len=step_length(source, buckets, [rows]))
 
   ds = grain.MapDataset.range(steps).map(read)
-  return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
+  return iter(ds.to_iter_dataset(_read_options(source, num_threads, prefetch)))
 
 
-def unlearning_batches(source: ExampleSource, forget_idx, retain_sampler, epoch: int,
+def _noisy_part(looked_up, forget, text_len):
+  """'forget_noisy' of a step: the K noisy draws looked up for its forget rows (host arrays),
+  cut to the step's length, or the clean forget tokens with K = 1 (None looked up)."""
+  if looked_up is None:
+    return {'input_ids': forget['input_ids'][None],
+            'attention_mask': forget['attention_mask'][None]}
+  return looked_up if text_len is None else {k: v[..., :text_len] for k, v in looked_up.items()}
+
+
+def unlearning_batches(source, forget_idx, retain_sampler, epoch: int,
                        batch_size: int, noisy_tokens=None, seed: int = 0,
                        num_threads: int = 1, prefetch: int = 2,
-                       retain_examples: int | None = None) -> Iterator[dict]:
+                       retain_examples: int | None = None, buckets=None) -> Iterator[dict]:
   """One unlearning epoch: the whole forget set once (shuffled by (seed, epoch)), each forget
   batch paired with as many retain examples, `retain_sampler.epoch(epoch, len(forget))`.
 
@@ -230,6 +275,7 @@ def unlearning_batches(source: ExampleSource, forget_idx, retain_sampler, epoch:
   `noisy_tokens`: a NoisyTokens, a callable epoch -> NoisyTokens (text noise redrawn per
   epoch), or None (then 'forget_noisy' holds the clean tokens with K = 1).
   Every step has exactly `batch_size` rows per set (padding masked, see module docstring).
+  `buckets`: all of a step's text (forget, retain, noisy draws) is cut to one length.
   """
   forget = np.asarray(forget_idx, np.int64).reshape(-1)
   if len(forget) == 0:
@@ -245,30 +291,32 @@ def unlearning_batches(source: ExampleSource, forget_idx, retain_sampler, epoch:
     s = int(s)
     rows = (forget[(s * batch_size + np.arange(batch_size)) % len(forget)] if cycle
             else forget[s * batch_size:(s + 1) * batch_size])
-    f = source.get_batch(rows, pad_to=batch_size)
-    r = source.get_batch(retain[s * batch_size:(s + 1) * batch_size], pad_to=batch_size)
-    if noisy is None:
-      fn = {'input_ids': f['input_ids'][None], 'attention_mask': f['attention_mask'][None]}
-    else:
-      fn = noisy.lookup(f['id'])
-    return {'forget': f, 'retain': r, 'forget_noisy': fn}
+    retain_rows = retain[s * batch_size:(s + 1) * batch_size]
+    ids, _ = pad_indices(rows, batch_size)
+    fn = None if noisy is None else noisy.lookup(ids)
+    length = step_length(source, buckets, [rows, retain_rows], fn)
+    f = source.get_batch(rows, pad_to=batch_size, text_len=length)
+    r = source.get_batch(retain_rows, pad_to=batch_size, text_len=length)
+    return {'forget': f, 'retain': r, 'forget_noisy': _noisy_part(fn, f, length)}
 
   ds = grain.MapDataset.range(steps).map(step)
-  return iter(ds.to_iter_dataset(_read_options(num_threads, prefetch)))
+  return iter(ds.to_iter_dataset(_read_options(source, num_threads, prefetch)))
 
 
-def target_batches(source: ExampleSource, indices, batch_size: int, noisy_tokens=None
-                   ) -> Iterator[dict]:
+def target_batches(source, indices, batch_size: int, noisy_tokens=None,
+                   buckets=None) -> Iterator[dict]:
   """All of `indices` in order, in padded batches shaped like an unlearning step's forget part:
   {'forget': batch, 'forget_noisy': [K,b,L] tokens} (for caching the frozen model's outputs).
   """
+  indices = np.asarray(indices, np.int64).reshape(-1)
   noisy = noisy_tokens(0) if callable(noisy_tokens) else noisy_tokens
-  for b in batches(source, indices, batch_size, seed=None, pad_to_batch=True):
-    if noisy is None:
-      fn = {'input_ids': b['input_ids'][None], 'attention_mask': b['attention_mask'][None]}
-    else:
-      fn = noisy.lookup(b['id'])
-    yield {'forget': b, 'forget_noisy': fn}
+  for s in range(math.ceil(len(indices) / batch_size)):
+    rows = indices[s * batch_size:(s + 1) * batch_size]
+    ids, _ = pad_indices(rows, batch_size)
+    fn = None if noisy is None else noisy.lookup(ids)
+    length = step_length(source, buckets, [rows], fn)
+    b = source.get_batch(rows, pad_to=batch_size, text_len=length)
+    yield {'forget': b, 'forget_noisy': _noisy_part(fn, b, length)}
 
 
 # ---------------------------------------------------------------------------------- devices

@@ -12,13 +12,17 @@ One caveat: in train mode dropout masks are drawn per position, so a trimmed bat
 different (equally distributed) masks than the padded one. Runs stay deterministic for a given
 bucket list; with dropout off (eval mode) the results are the same.
 
-Entry points: `trim_batch(batch, buckets)` on host (numpy) batches, before they go to the
-device; `length_buckets(max_len)` for a default bucket list.
+Entry points: `buckets_for(kind, max_len)` turns `config.model.text_buckets` into a bucket list;
+the input pipelines (`data/pipeline.py` on the host, `data/device_data.py` on the device) cut
+each batch with it; `stack_batches` stacks per-copy batches cut to different lengths (the loop's
+copies of different seeds).
 """
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 TEXT_KEYS = ('input_ids', 'attention_mask')
@@ -50,6 +54,17 @@ def length_buckets(max_len: int, kind: str = 'pow2', multiple: int = 16,
   return tuple(out) + (max_len,)
 
 
+BUCKET_KINDS = ('pow2', 'multiple', 'none')
+
+
+def buckets_for(kind: str, max_len: int) -> tuple[int, ...] | None:
+  """`config.model.text_buckets` -> the bucket list, or None ('none': every batch keeps
+  `max_len`). 'pow2': 16, 32, 64, ... up to max_len; 'multiple': every multiple of 16."""
+  if kind not in BUCKET_KINDS:
+    raise ValueError(f'model.text_buckets must be one of {BUCKET_KINDS}, got {kind!r}')
+  return None if kind == 'none' else length_buckets(max_len, kind)
+
+
 def real_length(mask) -> int:
   """1 + the last position holding a real token in any row of a mask [..., L] (0: none)."""
   mask = np.asarray(mask)
@@ -58,6 +73,13 @@ def real_length(mask) -> int:
   any_real = np.any(mask.reshape(-1, mask.shape[-1]) != 0, axis=0)
   where = np.flatnonzero(any_real)
   return int(where[-1]) + 1 if len(where) else 0
+
+
+def real_lengths(attention_mask) -> np.ndarray:
+  """Per row of a mask [..., L]: 1 + the last position with a real token (0 for an empty row)."""
+  mask = np.asarray(attention_mask) != 0
+  last = mask.shape[-1] - np.argmax(mask[..., ::-1], axis=-1)
+  return np.where(mask.any(axis=-1), last, 0).astype(np.int64)
 
 
 def bucket_length(lengths_or_mask, buckets: Sequence[int]) -> int:
@@ -142,3 +164,23 @@ def trim_batch(batch: Mapping, buckets: Sequence[int]) -> dict:
         out[k] = v
     return out
   return cut(batch)
+
+
+def stack_batches(batches: Sequence[Mapping]) -> dict:
+  """Stack same-structure batches on a new leading axis; text leaves cut to different lengths
+  are first padded (ids and mask 0) to the longest. Padding changes nothing (module
+  docstring), so each copy computes what it would on its own batch. Device arrays stay on
+  the device."""
+  def length(b):
+    leaves = _text_leaves(b)
+    return np.shape(leaves[0][1])[-1] if leaves else None
+  longest = max((length(b) or 0) for b in batches)
+
+  def pad(path, x):
+    if getattr(path[-1], 'key', None) not in TEXT_KEYS or x.shape[-1] == longest:
+      return x
+    widths = [(0, 0)] * (x.ndim - 1) + [(0, longest - x.shape[-1])]
+    return (jnp.pad if isinstance(x, jax.Array) else np.pad)(x, widths)
+  padded = [jax.tree_util.tree_map_with_path(pad, dict(b)) for b in batches]
+  return jax.tree_util.tree_map(
+      lambda *x: (jnp.stack if isinstance(x[0], jax.Array) else np.stack)(x), *padded)

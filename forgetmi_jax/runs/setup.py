@@ -23,9 +23,11 @@ from forgetmi_jax import config as config_lib
 from forgetmi_jax.data.forget_sets import make_forget_split
 from forgetmi_jax.data.mimic_cxr import load_mimic_cxr, restrict_permissions
 from forgetmi_jax.data.noise import TextNoiser
+from forgetmi_jax.data.device_data import make_train_source
 from forgetmi_jax.data.pipeline import make_source, noisy_token_table
 from forgetmi_jax.data.synthetic import make_synthetic_cohort
 from forgetmi_jax.data.tokenizer import load_tokenizer, train_wordpiece_tokenizer
+from forgetmi_jax.data.trim import buckets_for
 from forgetmi_jax.evaluation.report import write_json_atomic
 from forgetmi_jax.evaluation.validation import ValidationMonitor
 from forgetmi_jax.models.bert import load_bert_params_into
@@ -41,6 +43,8 @@ from forgetmi_jax.unlearning.method import UnlearnContext
 log = logging.getLogger('forgetmi_jax')
 # The split, not the data (a model's cache key holds its example ids instead).
 _DATA_KEYS_OF_SPLIT = ('forget_csv', 'forget_seed', 'val_fraction', 'val_seed', 'data_dir')
+# Where the data lives changes no batch (device_data.make_train_source), hence no result.
+_DATA_KEYS_OF_PLACEMENT = ('placement',)
 
 
 @dataclasses.dataclass
@@ -57,6 +61,14 @@ class Prepared:
   workdir: str
   cache_dir: str
   init_variables: Callable  # seed -> fresh {'params', 'batch_stats'} (pretrained text loaded)
+  # What the training and unlearning loops read: `source`, or its copy on the accelerator
+  # (config.data.placement); evaluation reads `source`.
+  train_source: Any = None
+
+  @property
+  def text_buckets(self):
+    """Each step's text is cut to one of these lengths (config.model.text_buckets)."""
+    return buckets_for(self.config.model.text_buckets, int(self.config.data.max_text_len))
 
   @property
   def non_test_idx(self):
@@ -110,7 +122,7 @@ def build_tokenizer(config, cohort, cache_dir, data_key):
 
 def data_key(config, cohort):
   """What the cohort's examples are (not how they are split into forget and retain)."""
-  data = {k: v for k, v in config.data.to_dict().items() if k not in _DATA_KEYS_OF_SPLIT}
+  data = {k: v for k, v in config.data.to_dict().items() if k not in _DATA_KEYS_OF_SPLIT + _DATA_KEYS_OF_PLACEMENT}
   return config_lib.fingerprint(data, int(config.seed), len(cohort),
                                 getattr(cohort, 'content_key', None))
 
@@ -156,7 +168,8 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
            time.time() - t0, len(cohort), len(split.forget_idx), len(split.retain_idx),
            len(split.val_idx), len(split.test_idx))
   return Prepared(config, cohort, split, tokenizer, source, model, parallel.make_mesh(), key,
-                  workdir, cache_dir, fresh_variables)
+                  workdir, cache_dir, fresh_variables,
+                  make_train_source(source, config.data.placement))
 
 
 def _check_writable(key, path):
@@ -232,9 +245,10 @@ def train_or_load(prep: Prepared, kind: str, seeds=None, allow_training=True):
 
 def _train(prep, kind, indices, seeds, paths, group_dir):
   copies = [loop.Copy(s, prep.config.train) for s in seeds]
-  method = TrainMethod(copies, apply_fn=prep.model.apply, source=prep.source, indices=indices,
-                       init_variables=prep.init_variables,
-                       data_seed_offset=0 if kind == 'original' else 1)
+  method = TrainMethod(copies, apply_fn=prep.model.apply, source=prep.train_source,
+                       indices=indices, init_variables=prep.init_variables,
+                       data_seed_offset=0 if kind == 'original' else 1,
+                       text_buckets=prep.text_buckets)
   result = loop.run(method, None, os.path.join(group_dir, 'ckpt'), mesh=prep.mesh,
                     desc=f'train {kind}' + (f' x{len(seeds)}' if len(seeds) > 1 else ''),
                     chunk_size=int(prep.config.copies_per_program),
@@ -261,9 +275,9 @@ def make_context(prep: Prepared, with_noisy_text=True, name='forgetmi') -> Unlea
     ids = jnp.zeros((1, length), jnp.int32)
     return prep.model.init(key, jnp.zeros((1, size, size, 1), jnp.float32), ids,
                            jnp.ones_like(ids), train=False)['params']['fusion']
-  return UnlearnContext(prep.model, prep.source, prep.split, noisy,
+  return UnlearnContext(prep.model, prep.train_source, prep.split, noisy,
                         lambda key: init_variables(prep.model, key, size, length)['params'],
-                        init_fusion)
+                        init_fusion, prep.text_buckets)
 
 
 def noisy_forget_tokens(prep: Prepared, name='forgetmi'):

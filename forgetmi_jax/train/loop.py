@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from forgetmi_jax.data.trim import stack_batches
 from forgetmi_jax.train import parallel
 from forgetmi_jax.train import optim
 from forgetmi_jax.train.checkpoints import Checkpoints, load_variables, save_variables
@@ -355,8 +356,8 @@ def _epoch_batches(method: Method, epoch: int):
     return
   for per_seed in zip(*(streams[s] for s in seeds)):
     by_seed = dict(zip(seeds, per_seed))
-    yield jax.tree_util.tree_map(lambda *x: np.stack(x),
-                                 *[by_seed[s] for s in method.seeds])
+    # Each seed's text may be cut to another length bucket: stacked at the longest.
+    yield stack_batches([by_seed[s] for s in method.seeds])
 
 
 def _flat(tree):
@@ -436,6 +437,8 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
 
 
 def _measure(method, original):
+  # Measured on the first step's batch: with text cut to length buckets (data/trim.py) a later
+  # step cut to a longer bucket needs somewhat more activation memory than measured.
   method.prepare(original)
   batch = next(iter(_epoch_batches(method, 0)))
   if not method.shared_batch:  # per-copy batches come stacked [N, ...]: one copy's

@@ -119,13 +119,14 @@ def shard_batch(batch, mesh: Mesh, leading_axes: int = 0):
   single = jax.process_count() == 1
 
   def local(path, x):
-    x = np.asarray(x)
+    x = x if single and isinstance(x, jax.Array) else np.asarray(x)
     axis = example_axis(path, x.ndim, leading_axes)
-    if axis is None:
-      return x
-    if x.shape[axis] % n:
+    if axis is not None and x.shape[axis] % n:
       raise ValueError(f'{_path_name(path)}: batch axis {axis} has {x.shape[axis]} rows, not '
                        f'divisible by {n} devices; use a batch size that is a multiple of the '
                        f'device count')
-    return x if single else np.take(x, local_rows(x.shape[axis], mesh), axis=axis)
-  return shard_local_batch(jax.tree_util.tree_map_with_path(local, batch), mesh, leading_axes)
+    if single:  # device arrays (a device-resident source) are resharded where they are
+      return jax.device_put(x, NamedSharding(mesh, _spec(axis)))
+    return x if axis is None else np.take(x, local_rows(x.shape[axis], mesh), axis=axis)
+  placed = jax.tree_util.tree_map_with_path(local, batch)
+  return placed if single else shard_local_batch(placed, mesh, leading_axes)

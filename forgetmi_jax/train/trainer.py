@@ -58,7 +58,8 @@ class TrainMethod(Method):
   retrained), its dropout from (s, TRAIN_DROPOUT, global step)."""
   name = 'train'
 
-  def __init__(self, copies, *, apply_fn, source, indices, init_variables, data_seed_offset=0):
+  def __init__(self, copies, *, apply_fn, source, indices, init_variables, data_seed_offset=0,
+               text_buckets=None):
     super().__init__(copies)
     cfg = self.copies[0].cfg
     self.apply_fn, self.source, self.indices = apply_fn, source, indices
@@ -69,6 +70,7 @@ class TrainMethod(Method):
                        f'{len(indices)} training examples')
     self.init_variables = init_variables
     self.data_seed_offset = int(data_seed_offset)
+    self.text_buckets = text_buckets  # each batch's text cut to a length bucket (data/trim.py)
     self.ranking_weight = float(cfg.ranking_weight)
     self.tx = make_train_tx(cfg, self.steps_per_epoch)
 
@@ -78,7 +80,8 @@ class TrainMethod(Method):
 
   def seed_batches(self, epoch, seed):
     return batches(self.source, self.indices, self.batch_size,
-                   seed=int(seed) + self.data_seed_offset, epoch=epoch, drop_remainder=True)
+                   seed=int(seed) + self.data_seed_offset, epoch=epoch, drop_remainder=True,
+                   buckets=self.text_buckets)
 
   def step_rng(self, seed, epoch, index):
     return rng_lib.key(seed, rng_lib.TRAIN_DROPOUT, epoch * self.steps_per_epoch + index)

@@ -341,7 +341,8 @@ class ForgetMIMethod(UnlearningMethod):
     parts, count = {}, 0
     forget = draw_axis
     for batch in target_batches(self.ctx.source, indices, batch_size,
-                                self.ctx.noisy_tokens if forget else None):
+                                self.ctx.noisy_tokens if forget else None,
+                                buckets=self.ctx.text_buckets):
       out = jax.device_get(fn(batch))
       real = np.asarray(batch['forget']['mask']) > 0
       ids = np.asarray(batch['forget']['id'])[real]

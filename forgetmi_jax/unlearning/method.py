@@ -25,11 +25,12 @@ _SHARED_OPTIMISER_KEYS = ('optimizer', 'weight_decay', 'momentum', 'adam_eps')
 class UnlearnContext:
   """Everything a method may read: the model, data, split and devices (no mutable state)."""
   model: Any
-  source: Any  # data.pipeline.ExampleSource (cohort + tokens)
+  source: Any  # data.pipeline.ExampleSource (cohort + tokens) or its device copy
   split: Any  # data.forget_sets.ForgetSplit
   noisy_tokens: Any = None  # forget-set noisy report tokens (Forget-MI)
   init_params: Callable | None = None  # key -> fresh params (EU-k)
   init_fusion: Callable | None = None  # key -> fresh fusion params, traceable (REFERENCE 8.1)
+  text_buckets: Any = None  # each step's text cut to one of these lengths (data/trim.py)
 
   @property
   def apply_fn(self):
@@ -101,7 +102,7 @@ class UnlearningMethod(Method):
     return unlearning_batches(self.ctx.source, self.ctx.split.forget_idx,
                               self.retain_sampler(seed), epoch, int(self.cfg.batch_size),
                               noisy_tokens=self.ctx.noisy_tokens, seed=int(seed),
-                              retain_examples=retain_examples)
+                              retain_examples=retain_examples, buckets=self.ctx.text_buckets)
 
   def seed_batches(self, epoch, seed):
     full = self.full_retain_pass()
@@ -115,7 +116,8 @@ class UnlearningMethod(Method):
   def retain_batches(self, epoch, seed):
     """One pass over the whole retain set, shuffled by (seed, epoch); full batches only."""
     return batches(self.ctx.source, self.ctx.split.retain_idx, int(self.cfg.batch_size),
-                   seed=int(seed) + 2, epoch=epoch, drop_remainder=True)
+                   seed=int(seed) + 2, epoch=epoch, drop_remainder=True,
+                   buckets=self.ctx.text_buckets)
 
   def step_rng(self, seed, epoch, index):
     return jax.random.fold_in(jax.random.fold_in(rng_lib.root(seed), rng_lib.UNLEARN_STEP + epoch),
