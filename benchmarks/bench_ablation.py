@@ -31,26 +31,48 @@ import numpy as np  # noqa: E402
 SETTINGS = ('no_noise', 'equal', 'multimodal', 'unimodal', 'retention')
 
 
+# The paper's size (REFERENCE 9): 2048 px, its 7-stage ResNet, a BERT-base-shaped text encoder
+# (random init: the arithmetic is SciBERT's), 320 tokens.
+PAPER_SIZE = {'data.image_size': 2048, 'model.image.preset': 'paper', 'data.max_text_len': 320,
+              'model.text.hidden_size': 768, 'model.text.num_hidden_layers': 12,
+              'model.text.num_attention_heads': 12, 'model.text.intermediate_size': 3072,
+              'model.text.max_position_embeddings': 512}
+
+
 def make_config(name, default_epochs, workdir):
+  """'tiny' (the smoke variant), 'default' (the synthetic default, epochs cut) or 'paper'
+  (the default at PAPER_SIZE, epochs cut)."""
   from configs import ablation
   c = ablation.get_config('pct=10,smoke' if name == 'tiny' else 'pct=10')
   with c.unlocked():
+    if name == 'paper':
+      for dotted, value in PAPER_SIZE.items():
+        *parents, leaf = dotted.split('.')
+        node = c
+        for key in parents:
+          node = node[key]
+        node[leaf] = value
     c.ablation.settings = SETTINGS
     c.ablation.noise = ((0.0, 0.1),)
     c.ablation.lrs = (1e-4,)
     c.ablation.seeds = (0,)
     c.ablation.chunk_size = len(SETTINGS)  # one program for the five settings
-    if name == 'default':
+    if name != 'tiny':
       c.forgetmi.epochs = int(default_epochs)
     c.workdir = os.path.join(workdir, name)
   return c
 
 
-def bench(name, args):
+def bench(name, args, train_original=True):
+  """Both modes' wall times; `train_original=False` unlearns from fresh variables instead of a
+  trained original (the same arithmetic, without training one at the paper's size first)."""
   from forgetmi_jax.runs import ablation, setup
   config = make_config(name, args.default_epochs, args.workdir)
   prep = setup.prepare(copy.deepcopy(config), f'bench_ablation_{name}')
-  (original,), _ = setup.train_or_load(prep, 'original')
+  if train_original:
+    (original,), _ = setup.train_or_load(prep, 'original')
+  else:
+    original = prep.init_variables(0)
   settings = ablation.expand_grid(config.ablation)
   ctx = setup.make_context(prep)  # noisy report tokens: made once, outside both timings
   times, states = {}, {}

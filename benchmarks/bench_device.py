@@ -22,6 +22,14 @@ real, live full). Flags replace the plan by the product of the values given.
   timed separately (host: ExampleSource.get_batch from uint16 images, as the MIMIC-CXR reader
   does, + transfer; device: DeviceSource.gather by index).
 The step is the package's (benchmarks/_step.py:package_step lists the calls it makes).
+
+Then, through the package's own runners (`--runs`, default 'grid,whole'; '' skips them), on the
+synthetic cohort at the backend's size (CPU: the smoke config; GPU/TPU: the paper's size,
+bench_ablation.PAPER_SIZE), unlearning from fresh variables (no original is trained first):
+- grid: the 5 paper settings as 5 stacked copies of one program against 5 sequential runs
+  (bench_ablation.bench, --grid-epochs epochs each);
+- whole: the paper's 10 % Forget-MI run (`method=forgetmi_paper`: 30 epochs, no stopping),
+  its wall time from the first compilation to the last checkpoint.
 """
 import argparse
 import itertools
@@ -145,6 +153,8 @@ def main():
   ap.add_argument('--texts', default='', help='default: the backend plan')
   ap.add_argument('--steps', type=int, default=3)
   ap.add_argument('--peak-tflops', default='', help='peak for MFU (default: H100/H200 989)')
+  ap.add_argument('--runs', default='grid,whole', help="'grid', 'whole' or '' (see above)")
+  ap.add_argument('--grid-epochs', type=int, default=2)
   ap.add_argument('--input-images', type=int, default=0,
                   help='images in the input-path test (default: 1 GB of uint16, 16..1024)')
   args = ap.parse_args()
@@ -194,6 +204,39 @@ def main():
                                          max(16, batch), 1024))
     host, device = input_path(size, batch, n, steps=20)
     print(f'| {size} | {batch} | {n} | {host:,.0f} | {device:,.0f} |', flush=True)
+  runs_wanted = [r for r in args.runs.split(',') if r]
+  if runs_wanted:
+    whole_runs(runs_wanted, 'tiny' if backend == 'cpu' else 'paper', args.grid_epochs)
+
+
+def whole_runs(wanted, size, grid_epochs):
+  """The stacked 5-setting grid against 5 sequential runs, and the paper's whole 10 % run."""
+  import tempfile
+  from benchmarks import bench_ablation
+  from forgetmi_jax.runs import setup
+  root = tempfile.mkdtemp(prefix='bench_device_')
+  args = argparse.Namespace(default_epochs=grid_epochs, workdir=root)
+  print()
+  print('| run | size | copies x epochs | stacked s | sequential s | speed-up |')
+  print('|---|---|---|---|---|---|')
+  if 'grid' in wanted:
+    r = bench_ablation.bench(size, args, train_original=False)
+    n = len(bench_ablation.SETTINGS)
+    print(f"| 5-setting grid | {size} | {n} x {r['epochs']} | {r['vmap']:.1f} | {r['seq']:.1f} | "
+          f"{r['seq'] / r['vmap']:.2f}x |", flush=True)
+  if 'whole' in wanted:
+    config = bench_ablation.make_config(size, 30, os.path.join(root, 'whole'))
+    with config.unlocked():
+      config.method, config.stop.rule = 'forgetmi_paper', 'none'
+    prep = setup.prepare(config, 'bench_device_whole')
+    ctx = setup.make_context(prep, name='forgetmi_paper')  # noisy reports: before the clock
+    t = time.perf_counter()
+    result = setup.run_method(prep, prep.init_variables(0), 'forgetmi_paper', ctx=ctx,
+                              ckpt_root=os.path.join(root, 'ckpt'))
+    seconds = time.perf_counter() - t
+    steps = sum(e['steps'] for e in result.histories[0])
+    print(f'| paper\'s 10 % Forget-MI | {size} | 1 x {config.forgetmi_paper.epochs} '
+          f'({steps} steps) | {seconds:.1f} | | |', flush=True)
 
 
 if __name__ == '__main__':
