@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from forgetmi_jax.data.tokenizer import tokenizer_fingerprint
-from forgetmi_jax.data.trim import bucket_length, real_lengths
+from forgetmi_jax.data.trim import bucket_length, real_lengths, usable_buckets
 from forgetmi_jax.io_utils import atomic_write
 
 BATCH_KEYS = ('image', 'input_ids', 'attention_mask', 'label', 'id', 'mask')
@@ -217,8 +217,7 @@ def step_length(source, buckets, rows, noisy=None) -> int | None:
   longest = max(int(np.max(source.lengths[np.asarray(r, np.int64)], initial=0)) for r in rows)
   if noisy is not None:
     longest = max(longest, int(np.max(real_lengths(noisy['attention_mask']), initial=0)))
-  usable = sorted({int(b) for b in buckets if int(b) < source.max_len} | {source.max_len})
-  return bucket_length(longest, usable)
+  return bucket_length(longest, usable_buckets(buckets, source.max_len))
 
 
 def batches(source, indices, batch_size: int, *, seed: int | None = None,

@@ -112,6 +112,11 @@ def _text_leaves(batch, path=()):
   return out
 
 
+def usable_buckets(buckets: Sequence[int], padded: int) -> list[int]:
+  """The buckets below the padded length, then the padded length itself (trimming never pads)."""
+  return sorted({int(b) for b in buckets if int(b) < padded} | {int(padded)})
+
+
 def trim_length(batch: Mapping, buckets: Sequence[int]) -> int:
   """The one text length `trim_batch` cuts every set of `batch` to.
 
@@ -132,8 +137,7 @@ def trim_length(batch: Mapping, buckets: Sequence[int]) -> int:
   if not masks:
     raise ValueError('batch has input_ids but no attention_mask: the length is read from masks')
   longest = max(real_length(m) for m in masks)
-  usable = sorted({int(b) for b in buckets if int(b) < padded} | {padded})
-  return bucket_length(longest, usable)
+  return bucket_length(longest, usable_buckets(buckets, padded))
 
 
 def trim_batch(batch: Mapping, buckets: Sequence[int]) -> dict:
