@@ -251,13 +251,22 @@ def batches(source, indices, batch_size: int, *, seed: int | None = None,
   return iter(ds.to_iter_dataset(_read_options(source, num_threads, prefetch)))
 
 
-def _noisy_part(looked_up, forget, text_len):
-  """'forget_noisy' of a step: the K noisy draws looked up for its forget rows (host arrays),
-  cut to the step's length, or the clean forget tokens with K = 1 (None looked up)."""
+def _forget_part(source, rows, batch_size: int, noisy, buckets, other_rows=()):
+  """A step's forget rows as (batch, 'forget_noisy', text length): the K noisy draws looked up
+  for them (host arrays) or, without `noisy`, the clean tokens with K = 1; all cut to one length
+  shared with the step's `other_rows` (e.g. its retain rows)."""
+  ids, _ = pad_indices(rows, batch_size)
+  looked_up = None if noisy is None else noisy.lookup(ids)
+  length = step_length(source, buckets, [rows, *other_rows], looked_up)
+  forget = source.get_batch(rows, pad_to=batch_size, text_len=length)
   if looked_up is None:
-    return {'input_ids': forget['input_ids'][None],
-            'attention_mask': forget['attention_mask'][None]}
-  return looked_up if text_len is None else {k: v[..., :text_len] for k, v in looked_up.items()}
+    forget_noisy = {'input_ids': forget['input_ids'][None],
+                    'attention_mask': forget['attention_mask'][None]}
+  elif length is None:
+    forget_noisy = looked_up
+  else:
+    forget_noisy = {k: v[..., :length] for k, v in looked_up.items()}
+  return forget, forget_noisy, length
 
 
 def unlearning_batches(source, forget_idx, retain_sampler, epoch: int,
@@ -291,12 +300,10 @@ def unlearning_batches(source, forget_idx, retain_sampler, epoch: int,
     rows = (forget[(s * batch_size + np.arange(batch_size)) % len(forget)] if cycle
             else forget[s * batch_size:(s + 1) * batch_size])
     retain_rows = retain[s * batch_size:(s + 1) * batch_size]
-    ids, _ = pad_indices(rows, batch_size)
-    fn = None if noisy is None else noisy.lookup(ids)
-    length = step_length(source, buckets, [rows, retain_rows], fn)
-    f = source.get_batch(rows, pad_to=batch_size, text_len=length)
-    r = source.get_batch(retain_rows, pad_to=batch_size, text_len=length)
-    return {'forget': f, 'retain': r, 'forget_noisy': _noisy_part(fn, f, length)}
+    forget_batch, forget_noisy, length = _forget_part(source, rows, batch_size, noisy, buckets,
+                                                      [retain_rows])
+    retain_batch = source.get_batch(retain_rows, pad_to=batch_size, text_len=length)
+    return {'forget': forget_batch, 'retain': retain_batch, 'forget_noisy': forget_noisy}
 
   ds = grain.MapDataset.range(steps).map(step)
   return iter(ds.to_iter_dataset(_read_options(source, num_threads, prefetch)))
@@ -311,11 +318,8 @@ def target_batches(source, indices, batch_size: int, noisy_tokens=None,
   noisy = noisy_tokens(0) if callable(noisy_tokens) else noisy_tokens
   for s in range(math.ceil(len(indices) / batch_size)):
     rows = indices[s * batch_size:(s + 1) * batch_size]
-    ids, _ = pad_indices(rows, batch_size)
-    fn = None if noisy is None else noisy.lookup(ids)
-    length = step_length(source, buckets, [rows], fn)
-    b = source.get_batch(rows, pad_to=batch_size, text_len=length)
-    yield {'forget': b, 'forget_noisy': _noisy_part(fn, b, length)}
+    forget_batch, forget_noisy, _ = _forget_part(source, rows, batch_size, noisy, buckets)
+    yield {'forget': forget_batch, 'forget_noisy': forget_noisy}
 
 
 # ---------------------------------------------------------------------------------- devices
