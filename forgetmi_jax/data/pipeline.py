@@ -262,9 +262,7 @@ def _forget_part(source, rows, batch_size: int, noisy, buckets, other_rows=()):
   if looked_up is None:
     forget_noisy = {'input_ids': forget['input_ids'][None],
                     'attention_mask': forget['attention_mask'][None]}
-  elif length is None:
-    forget_noisy = looked_up
-  else:
+  else:  # length None (no buckets) keeps every position
     forget_noisy = {k: v[..., :length] for k, v in looked_up.items()}
   return forget, forget_noisy, length
 
