@@ -154,6 +154,12 @@ def build(arg):
   c.stop.min_delta = 0.0
   c.stop.at_chance = True
   c.stop.z = 1.96
+  # The validation gap's MIA term: 'svc' is the paper's attack (an SVC on retain members vs
+  # non-members) with validation non-members, so a model that has stopped memorising its
+  # retain set scores as badly as under the paper's MIA; 'auc': the loss AUC of forget vs
+  # validation only, blind to the retain set (the rule before the SVC term).
+  c.stop.attack = 'svc'
+  c.stop.retain_images = 1024  # the svc attack's fixed retain sample, scored every epoch
 
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()

@@ -30,6 +30,7 @@ _CHOICES = {
     'forgetmi_paper.noise.text_mode': ('char', 'word', 'reference', 'none'),
     'eval.head': ('image', 'joint'),
     'stop.rule': ('validation', 'none'),
+    'stop.attack': ('svc', 'auc'),
     'forgetmi.forget_bound': ('none', 'validation'),
     'forgetmi_paper.forget_bound': ('none', 'validation'),
     'model.text_buckets': ('pow2', 'multiple', 'none'),

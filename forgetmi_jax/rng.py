@@ -18,11 +18,13 @@ CF_K_DROPOUT = 41
 MULTIDELETE_FORGET_DROPOUT = 51
 MULTIDELETE_RETAIN_DROPOUT = 52
 MULTIDELETE_PERMUTE = 53
+MONITOR_RETAIN = 61  # host numpy: the validation monitor's fixed retain sample
 EU_K_REINIT = 8111  # EU-k: the fresh init of the re-initialised blocks
 UNLEARN_STEP = 104729  # unlearning step keys: fold_in(root, UNLEARN_STEP + epoch), then the step
 # Host-side numpy draws (forgetmi_jax/data): batch order np.random.default_rng([seed, epoch, 1]),
 # forget-set order [seed, epoch, 2]; retrained model data order seed + 1, baseline retain passes
-# seed + 2; text noise keyed by (seed, image id, draw) in data/noise.py.
+# seed + 2; text noise keyed by (seed, image id, draw) in data/noise.py; the validation
+# monitor's retain sample [eval.mia_seed, MONITOR_RETAIN].
 
 PURPOSES = {name: value for name, value in globals().items()
             if name.isupper() and isinstance(value, int)}

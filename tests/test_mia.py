@@ -206,3 +206,17 @@ def test_logreg_mia_is_deterministic_under_seed():
   assert mia.logreg_mia(args[0], args[1][:3], args[2])['n_splits'] == 3
   with pytest.raises(ValueError):
     mia.logreg_mia(args[0], args[1][:1], args[2])
+
+
+def test_retain_weight_is_replication():
+  # libsvm's per-sample C: a retain loss of weight 3 is the same objective as 3 copies of it
+  rng = np.random.default_rng(0)
+  retain = np.round(rng.exponential(0.2, 60), 2)
+  test = np.round(rng.exponential(1.0, 40), 2)
+  forget = np.linspace(0.0, 3.0, 61)
+  weighted = mia.svc_mia(retain, test, forget, retain_weight=3, return_details=True)
+  copied = mia.svc_mia(np.repeat(retain, 3), test, forget, return_details=True)
+  for k in ('score', 'test_member_rate'):
+    assert weighted[k] == pytest.approx(copied[k], abs=1 / 61)
+  plain = mia.svc_mia(retain, test, forget)
+  assert weighted['score'] > plain  # more member weight: more of the forget set called member

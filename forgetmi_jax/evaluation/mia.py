@@ -70,7 +70,8 @@ def batch_mean_losses(losses, batch_size=32, drop_last=False):
 
 
 def svc_mia(retain_losses, test_losses, forget_losses, seed=0, max_train=None,
-            per_batch_mean=False, batch_size=32, return_details=False, name=None):
+            per_batch_mean=False, batch_size=32, return_details=False, name=None,
+            retain_weight=None):
   """Fraction of forget samples an SVC trained on retain (member) vs test (non-member) calls member.
 
   Features are the losses as a column vector; `SVC(C=3, kernel='rbf', gamma='auto')` as in
@@ -79,6 +80,10 @@ def svc_mia(retain_losses, test_losses, forget_losses, seed=0, max_train=None,
   replacement by `np.random.default_rng(seed)`); None means "all of them unless there are more
   than DEFAULT_MAX_TRAIN". Subsampling shifts the member/non-member ratio, which moves the
   SVC's threshold, so it is reported in the details.
+
+  `retain_weight` (beyond the paper): every retain loss counts this many times in the SVC's
+  objective (libsvm's per-sample C), so a retain sample stands in for a larger retain set
+  and keeps the member : non-member balance that sets the SVC's threshold.
 
   `per_batch_mean=True` reproduces the public code's quirk (REFERENCE 8.5): each of the three
   sets is first reduced to one mean loss per consecutive batch of `batch_size`.
@@ -115,7 +120,10 @@ def svc_mia(retain_losses, test_losses, forget_losses, seed=0, max_train=None,
   x = np.concatenate([retain, test])[:, None]
   y = np.concatenate([np.ones(retain.size), np.zeros(test.size)]).astype(np.int64)
   clf = SVC(C=3, kernel='rbf', gamma='auto', random_state=seed)
-  clf.fit(x, y)
+  weight = None
+  if retain_weight is not None:
+    weight = np.r_[np.full(retain.size, float(retain_weight)), np.ones(test.size)]
+  clf.fit(x, y, sample_weight=weight)
   score = float(np.mean(clf.predict(forget[:, None]) == 1))
   if not return_details:
     return score

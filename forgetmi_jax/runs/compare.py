@@ -124,7 +124,8 @@ def tune(prep, original, name, cc, time_budget_s=None):
       epoch, epochs_run = stop['best_epoch'], stop['epochs_scored'] - 1
     records.append({'lr': lr, 'val_gap': _finite(scores.get('val_gap')), 'stop_epoch': epoch,
                     'epochs_run': epochs_run,
-                    **{k: _finite(scores.get(k)) for k in ('member_auc', 'forget_f1',
+                    **{k: _finite(scores.get(k)) for k in ('member_auc', 'svc_forget',
+                                                          'retain_acc', 'forget_f1',
                                                           'forget_auc', 'val_f1', 'val_auc')},
                     'seconds': sec})
     log.info('tune %s lr=%g: validation gap %s at epoch %s', name, lr,
@@ -288,13 +289,14 @@ def build_markdown(payload):
       for r in t['records']:
         rows.append([report.display_name(name), f"{r['lr']:.3g}", r['val_gap'],
                      r['stop_epoch'] if r['stop_epoch'] is not None else report.MISSING,
-                     r.get('epochs_run', report.MISSING), r['member_auc'], r['forget_f1'],
+                     r.get('epochs_run', report.MISSING), r['member_auc'],
+                     r.get('svc_forget'), r.get('retain_acc'), r['forget_f1'],
                      r['val_f1'], 'yes' if r['lr'] == t['selected_lr'] else '',
                      f"{r['seconds']:.1f}"])
     parts.append(report.markdown_table(
-        ['Method', 'lr', 'Val. gap', 'Best epoch', 'Epochs run', 'Member AUC', 'Forget F1',
-         'Val. F1', 'Selected', 'Seconds'], rows,
-        align=['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'l', 'r']))
+        ['Method', 'lr', 'Val. gap', 'Best epoch', 'Epochs run', 'Member AUC', 'SVC forget',
+         'Retain acc.', 'Forget F1', 'Val. F1', 'Selected', 'Seconds'], rows,
+        align=['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'l', 'r']))
   else:
     parts.append('Tuning off (`compare.tune = False`): every method ran at its preset lr.')
   stopping = payload.get('stopping') or {}

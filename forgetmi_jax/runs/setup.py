@@ -363,9 +363,12 @@ def stopping_rule(prep: Prepared, original, name):
 
 def validation_monitor(prep: Prepared, original):
   """The validation gap of variables (forget vs validation non-members, against `original`)."""
+  config = prep.config
   monitor = ValidationMonitor(prep.model.apply, prep.source, prep.split, prep.cohort.labels,
-                              head=prep.config.eval.head,
-                              batch_size=int(prep.config.eval.batch_size))
+                              head=config.eval.head, batch_size=int(config.eval.batch_size),
+                              attack=config.stop.attack,
+                              retain_images=int(config.stop.retain_images),
+                              seed=int(config.eval.mia_seed))
   monitor.set_reference(original)
   return monitor
 
