@@ -59,16 +59,18 @@ def validation_gap(model, reference, attack='svc'):
   model is never the best)."""
   if attack not in ATTACKS:
     raise ValueError(f'stop.attack must be one of {ATTACKS}, got {attack!r}')
-  gaps = {'gap_member_auc': abs(model['member_auc'] - 0.5)}
-  if attack == 'svc':
-    gaps['gap_svc'] = abs(model['svc_forget'] - reference['svc_val'])
-  gaps.update({
+  member = abs(model['member_auc'] - 0.5)
+  mia_term = ({'gap_svc': abs(model['svc_forget'] - reference['svc_val'])} if attack == 'svc'
+              else {'gap_member_auc': member})
+  terms = {
+      **mia_term,
       'gap_forget_auc': abs(model['forget_auc'] - reference['val_auc']),
       'gap_forget_f1': abs(model['forget_f1'] - reference['val_f1']),
       'gap_val_auc': abs(model['val_auc'] - reference['val_auc']),
       'gap_val_f1': abs(model['val_f1'] - reference['val_f1']),
-  })
-  values = [v for k, v in gaps.items() if k != 'gap_member_auc' or attack == 'auc']
+  }
+  values = list(terms.values())
+  gaps = {'gap_member_auc': member, **terms}
   gaps['val_gap'] = (float(np.mean(values)) if all(math.isfinite(g) for g in values)
                      else math.inf)
   return gaps
@@ -111,8 +113,6 @@ class ValidationMonitor:
     if len(split.val_idx) == 0:
       raise ValueError('the validation rule needs validation non-members: set '
                        'data.val_fraction > 0 (or stop.rule="none")')
-    if attack not in ATTACKS:
-      raise ValueError(f'stop.attack must be one of {ATTACKS}, got {attack!r}')
     self.predict = make_predict_fn(apply_fn, head)
     self.source, self.batch_size, self.attack = source, int(batch_size), attack
     self.sets = {'forget': np.asarray(split.forget_idx), 'val': np.asarray(split.val_idx)}
