@@ -15,22 +15,13 @@ outside the timings); not data preparation or evaluation. Prints a table.
 """
 import argparse
 import copy
-import importlib
 import os
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from _config import ROOT, load_config
 
 MODES = (('stacked', 0), ('sequential', 1))
-
-
-def load_config(path, arg):
-  """configs/<name>.py's get_config(arg)."""
-  name = os.path.splitext(os.path.basename(path))[0]
-  return importlib.import_module(f'configs.{name}').get_config(arg)
 
 
 def main():
