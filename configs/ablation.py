@@ -22,6 +22,7 @@ def get_config(arg=None):
   # noise and lr at a fixed budget. --config.stop.rule=validation stops every setting by the
   # validation rule instead.
   c.stop.rule = 'none'
+  c.forgetmi.repair.epochs = 0  # the paper's losses alone, at the paper's schedule
   c.ablation = ml_collections.ConfigDict()
   c.ablation.settings = ('no_noise', 'equal', 'multimodal', 'unimodal', 'retention')
   c.ablation.noise = ((0.0, 0.05), (0.0, 0.1), (0.1, 0.1))  # image (mu, sigma) on [0, 1] pixels

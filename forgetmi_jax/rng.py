@@ -19,6 +19,8 @@ MULTIDELETE_FORGET_DROPOUT = 51
 MULTIDELETE_RETAIN_DROPOUT = 52
 MULTIDELETE_PERMUTE = 53
 MONITOR_RETAIN = 61  # host numpy: the validation monitor's fixed retain sample
+REPAIR_FORGET_DROPOUT = 71  # Forget-MI+'s repair phase: the model on the forget set
+REPAIR_RETAIN_DROPOUT = 72  # ... and on the retain set
 EU_K_REINIT = 8111  # EU-k: the fresh init of the re-initialised blocks
 UNLEARN_STEP = 104729  # unlearning step keys: fold_in(root, UNLEARN_STEP + epoch), then the step
 # Host-side numpy draws (forgetmi_jax/data): batch order np.random.default_rng([seed, epoch, 1]),

@@ -147,6 +147,8 @@ def test_tuning_reads_no_test_label_and_no_retrained_model(smoke_run, monkeypatc
     config.cache_dir = str(root / 'cache')
     config.compare.tune = True
     config.compare.lr_factors = (0.3, 3.0)
+    config.forgetmi.repair.epochs = 1  # Forget-MI+'s repair phase reads no test data either
+    config.forgetmi.repair.retain_examples = 32
   cc = config.compare
   methods = ('forgetmi', 'neggrad_plus')
 

@@ -119,9 +119,8 @@ def tune(prep, original, name, cc, time_budget_s=None):
       scores, epoch = monitor(v), None
       epochs_run = int(method_config(prep.config, name).epochs)
     else:
-      scores = next((r for r in stop['scores'] if r['epoch'] == stop['best_epoch']),
-                    {'val_gap': math.inf})
-      epoch, epochs_run = stop['best_epoch'], stop['epochs_scored'] - 1
+      scores = setup.best_scores(stop)
+      epoch, epochs_run = stop['best_epoch'], setup.epochs_run(stop)
     records.append({'lr': lr, 'val_gap': _finite(scores.get('val_gap')), 'stop_epoch': epoch,
                     'epochs_run': epochs_run,
                     **{k: _finite(scores.get(k)) for k in ('member_auc', 'svc_forget',
@@ -184,8 +183,7 @@ def run_comparison(config, config_name='compare'):
         p, original, name, 'final' if budget is None else 'final_eqtime', seeds,
         time_budget_s=budget)
     histories[key] = hist[0]
-    stops[key] = [None if s is None else {k: s[k] for k in ('best_epoch', 'best_score',
-                                                             'epochs_scored')} for s in stop]
+    stops[key] = [setup.stop_summary(s) for s in stop]
     walls[key] = float(sum(seconds[key]))
     log.info('%s done: lr %g, %.1fs for %d seed(s)', key, lrs[key], walls[key], len(seeds))
   for name in at_reference:
@@ -303,10 +301,12 @@ def build_markdown(payload):
   if stopping.get('methods'):
     rows = []
     for name, per_seed in stopping['methods'].items():
-      epochs = [s['best_epoch'] for s in per_seed if s is not None]
+      epochs = [f"{s['best_epoch']} + repair {s['repair_epoch']}" if 'repair_epoch' in s
+                else s['best_epoch'] for s in per_seed if s is not None]
       rows.append([report.display_name(name),
                    ', '.join(str(e) for e in epochs) if epochs else 'fixed schedule'])
-    parts.append('Stopping epoch per seed (-1 = the original was never improved on):')
+    parts.append('Stopping epoch per seed (-1 = the start was never improved on; '
+                 '"+ repair k": Forget-MI+\'s repair phase ended at its epoch k):')
     parts.append(report.markdown_table(['Method', 'Epoch per seed'], rows, align=['l', 'l']))
   order = payload.get('ordering') or {}
   if order.get('ours'):

@@ -39,6 +39,7 @@ from forgetmi_jax.train.tensorboard import EventWriter
 from forgetmi_jax.train.trainer import TrainMethod
 from forgetmi_jax.unlearning import registry
 from forgetmi_jax.unlearning.method import UnlearnContext
+from forgetmi_jax.unlearning.repair import RepairMethod, repair_group
 
 log = logging.getLogger('forgetmi_jax')
 # The split, not the data (a model's cache key holds its example ids instead).
@@ -316,6 +317,9 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   under `<ckpt_root>/<name>/<fingerprint>` so only the same config ever resumes them."""
   name = name or prep.config.method
   copies = copies or copies_of(prep.config, name)
+  repair_cfgs = [repair_group(c.cfg) for c in copies]  # checked before any long work
+  if len({r is None for r in repair_cfgs}) > 1:
+    raise ValueError(f'{name}: copies disagree on repair.epochs > 0')
   ctx = ctx or make_context(prep, name=name)
   method = registry.get(name)(ctx, copies)
   key, _ = run_fingerprint(prep, name, copies, loop_kwargs.get('time_budget_s'))
@@ -335,6 +339,9 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   elif method.epochs > 0 and min(steps, default=0) == 0:
     raise RuntimeError(f'{name}: no step was taken in {method.epochs} epochs (an empty forget '
                        f'or retain stream?); see {ckpt_dir}')
+  if repair_cfgs[0] is not None:
+    result = run_repair(prep, original, name, ctx, copies, result, repair_cfgs, ckpt_dir,
+                        loop_kwargs)
   result.fingerprint = key
   # A finished run records its time once: a rerun that only reloads reports the run's seconds.
   done = os.path.join(ckpt_dir, 'DONE.json')
@@ -344,6 +351,56 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   else:
     write_json_atomic({'seconds': result.seconds, 'fingerprint': key}, done)
   return result
+
+
+def run_repair(prep: Prepared, original, name, ctx, copies, pushed: loop.Result, repair_cfgs,
+               ckpt_dir, loop_kwargs) -> loop.Result:
+  """Forget-MI+'s second phase (unlearning/repair.py) from each copy's pushed model, on the
+  same loop and stopping rule; its checkpoints sit beside the push's (`<fingerprint>.repair`).
+  Returns one Result for both phases: the repaired variables, both phases' seconds, the
+  histories and scores of both (repair rows marked `phase: 'repair'`)."""
+  names = [f'copy{j}' for j in range(len(repair_cfgs))]
+  repair_copies = [loop.Copy(c.seed, r, n) for c, r, n in zip(copies, repair_cfgs, names)]
+  method = RepairMethod(ctx, repair_copies, {n: s.variables for n, s in zip(names, pushed.states)},
+                        batch_size=int(prep.config.eval.batch_size))
+  kwargs = dict(loop_kwargs)
+  if kwargs.get('tb_dir'):
+    kwargs['tb_dir'] = os.path.join(kwargs['tb_dir'], 'repair')
+  repaired = loop.run(method, original, ckpt_dir + '.repair', mesh=prep.mesh,
+                      desc=f'repair {name}', **kwargs)
+  mark = lambda rows: [dict(r, phase='repair') for r in rows]  # noqa: E731
+  stops = None
+  if pushed.stopping is not None:
+    stops = [dict(p, repair_epoch=r['best_epoch'], best_score=r['best_score'],
+                  epochs_scored=p['epochs_scored'] + r['epochs_scored'],
+                  stopped=r['stopped'], scores=p['scores'] + mark(r['scores']))
+             for p, r in zip(pushed.stopping, repaired.stopping)]
+  return loop.Result(repaired.states, pushed.seconds + repaired.seconds,
+                     [h + mark(r) for h, r in zip(pushed.histories, repaired.histories)],
+                     pushed.memory, resumed_from=pushed.resumed_from + repaired.resumed_from,
+                     stopping=stops)
+
+
+def best_scores(stop: dict) -> dict:
+  """The scores of a run's selected model from its stopping record: the best epoch's, or with
+  a repair phase the repair's best epoch's."""
+  phase = 'repair' if 'repair_epoch' in stop else None
+  epoch = stop['repair_epoch'] if phase else stop['best_epoch']
+  return next((r for r in stop['scores'] if r.get('phase') == phase and r['epoch'] == epoch),
+              {'val_gap': float('inf')})
+
+
+def stop_summary(stop: dict | None) -> dict | None:
+  """What reports keep of a stopping record: best epoch (and the repair's), score, epochs."""
+  if stop is None:
+    return None
+  keys = ('best_epoch', 'best_score', 'epochs_scored', 'repair_epoch')
+  return {k: stop[k] for k in keys if k in stop}
+
+
+def epochs_run(stop: dict) -> int:
+  """Epochs a stopped run trained over its phases (each phase scores its start once)."""
+  return stop['epochs_scored'] - (2 if 'repair_epoch' in stop else 1)
 
 
 def stopping_rule(prep: Prepared, original, name):

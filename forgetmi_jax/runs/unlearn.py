@@ -41,8 +41,7 @@ def run(config, config_name='run'):
              'cache_dir_relative': os.path.relpath(prep.cache_dir, prep.workdir),
              'history': {name: result.histories[0]},
              'stopping': {name: None if result.stopping is None else [
-                 {k: s[k] for k in ('best_epoch', 'best_score', 'epochs_scored')}
-                 for s in result.stopping]},
+                 setup.stop_summary(s) for s in result.stopping]},
              'wall_seconds': {'total': time.time() - t_start,
                               'retrain_all_seeds': float(sum(t_retrain)),
                               f'{name}_all_seeds': float(result.seconds)}}

@@ -1,0 +1,113 @@
+"""Forget-MI+'s repair phase (beyond the paper): re-memorise the retain set, keep the forget set
+where the push left it.
+
+Measured (README "What limits it"): the push that brings the forget patients to non-member
+level also stops the model memorising its retain set, so the paper's SVC calls almost every
+image a member; a retain-only repair brings the retain set back and relearns the forget set
+with it. The repair therefore anchors each forget image's outputs to those of the pushed model
+it starts from:
+
+  loss = CE(retain) + anchor * KL_T( pushed(x_f) || model(x_f) )
+
+CE and KL each summed over the image, text and joint heads, every module trained (the heads
+too: both terms live on the logits). An epoch pairs `retain_examples` retain images (0 = the
+whole retain set) with the forget set, cycled. The pushed model's forget logits are computed
+once per copy (eval mode) and travel in the copy's hyperparameters, so stacked copies with
+different pushed models share one program. `setup.run_method` runs it after a method whose
+group has `repair.epochs > 0`, under the same stopping rule.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from forgetmi_jax import rng as rng_lib
+from forgetmi_jax.evaluation.evaluator import make_predict_fn, predict_logits
+from forgetmi_jax.models.apply import forward, model_inputs
+from forgetmi_jax.train.losses import distill_kl, heads_ce, masked_mean
+from forgetmi_jax.unlearning.method import UnlearningMethod
+
+HEADS = ('image', 'text', 'joint')  # the order of the pushed logits' head axis
+_FIELDS = ('logits_img', 'logits_txt', 'logits_joint')
+
+
+def repair_group(method_cfg):
+  """The repair's own config group from a method's (`<method>.repair`), or None when off."""
+  repair = method_cfg.get('repair')
+  if repair is None or int(repair.epochs) <= 0:
+    return None
+  for key in ('lr', 'anchor', 'temperature'):
+    if not float(repair[key]) > 0:
+      raise ValueError(f'repair.{key}={repair[key]} must be > 0')
+  if int(repair.retain_examples) < 0:
+    raise ValueError(f'repair.retain_examples={repair.retain_examples} must be >= 0 '
+                     '(0 = the whole retain set)')
+  return ml_collections.ConfigDict({
+      'epochs': int(repair.epochs), 'lr': float(repair.lr),
+      'batch_size': int(method_cfg.batch_size), 'optimizer': 'adamw',
+      'weight_decay': float(method_cfg.weight_decay),
+      'adam_eps': float(method_cfg.get('adam_eps', 1e-6)),
+      'retain_examples': int(repair.retain_examples), 'anchor': float(repair.anchor),
+      'temperature': float(repair.temperature)})
+
+
+def repair_loss(params, batch_stats, batch, rng, hp, apply_fn):
+  """(loss, (batch_stats, metrics)): CE on the retain batch + anchor * KL to the pushed model's
+  logits on the forget batch (`batch['forget']['pushed']` [B, 3, C])."""
+  forget, retain = batch['forget'], batch['retain']
+  out_f, stats = forward(apply_fn, params, batch_stats, model_inputs(forget), train=True,
+                         rng=jax.random.fold_in(rng, rng_lib.REPAIR_FORGET_DROPOUT))
+  out_r, stats = forward(apply_fn, params, stats, model_inputs(retain), train=True,
+                         rng=jax.random.fold_in(rng, rng_lib.REPAIR_RETAIN_DROPOUT))
+  pushed = jax.lax.stop_gradient(forget['pushed'])
+  kl = sum(distill_kl(getattr(out_f, f), pushed[:, h], hp['temperature'])
+           for h, f in enumerate(_FIELDS))
+  kl = masked_mean(kl, forget['mask'])
+  ce = masked_mean(heads_ce(out_r, retain['label']), retain['mask'])
+  loss = ce + hp['anchor'] * kl
+  return loss, (stats, {'loss': loss, 'ce_retain': ce, 'kl_forget': kl})
+
+
+class RepairMethod(UnlearningMethod):
+  """The repair on the loop; copy `name`s key the pushed variables each copy starts from."""
+  name = 'repair'
+
+  def __init__(self, ctx, copies, pushed: dict, batch_size=128):
+    super().__init__(ctx, copies)
+    missing = sorted({c.name for c in self.copies} - set(pushed))
+    if missing:
+      raise ValueError(f'repair: no pushed model for copies {missing}')
+    forget_idx = np.asarray(ctx.split.forget_idx)
+    predict = make_predict_fn(ctx.apply_fn, HEADS)
+    self.pushed = pushed
+    # [n_forget, 3, C] per copy, rows in forget_idx order; the hyperparameters carry them
+    self.pushed_logits = {name: predict_logits(predict, v, ctx.source, forget_idx, batch_size)
+                          for name, v in pushed.items()}
+    self.position = np.zeros(len(ctx.source), np.int32)
+    self.position[forget_idx] = np.arange(len(forget_idx), dtype=np.int32)
+
+  def start_variables(self, original, copy):
+    return self.pushed[copy.name]
+
+  def hparams(self, copy):
+    return {'anchor': jnp.float32(copy.cfg.anchor),
+            'temperature': jnp.float32(copy.cfg.temperature),
+            'pushed_forget_logits': jnp.asarray(self.pushed_logits[copy.name], jnp.float32)}
+
+  def seed_batches(self, epoch, seed):
+    retain = len(self.ctx.split.retain_idx)
+    examples = min(int(self.cfg.retain_examples) or retain, retain)
+    return self.paired_batches(epoch, seed, examples)
+
+  def prepare_batch(self, batch, epoch, seed):
+    batch = super().prepare_batch(batch, epoch, seed)
+    forget = dict(batch['forget'])
+    forget['position'] = self.position[np.asarray(forget['id'])]  # padded rows: masked out
+    return {**batch, 'forget': forget}
+
+  def step(self, state, original, batch, rng, hparams):
+    forget = dict(batch['forget'])
+    forget['pushed'] = jnp.take(hparams['pushed_forget_logits'], forget.pop('position'), axis=0)
+    batch = {**batch, 'forget': forget}
+    return self.descend(lambda p, s, o, b, r, h: repair_loss(p, s, b, r, h, self.ctx.apply_fn),
+                        state, original, batch, rng, hparams)

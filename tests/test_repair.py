@@ -1,0 +1,124 @@
+"""Forget-MI+'s repair phase: its loss against a numpy computation, the pushed logits it anchors
+to, and the two-phase run (push, then repair from each copy's pushed model, one stopping rule)."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from forgetmi_jax.models.apply import forward, model_inputs
+from forgetmi_jax.runs import setup
+from forgetmi_jax.unlearning import repair
+from forgetmi_jax.train import loop
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope='module')
+def prep(tmp_path_factory):
+  config = tiny_config(tmp_path_factory.mktemp('repair'), **{
+      'forgetmi.repair.epochs': 2, 'forgetmi.repair.retain_examples': 16})
+  return setup.prepare(config)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_loss_is_retain_ce_plus_anchored_forget_kl(prep):
+  variables = prep.init_variables(0)
+  source, split = prep.source, prep.split
+  forget = source.get_batch(np.asarray(split.forget_idx[:3]), pad_to=4)  # one padded row
+  retain = source.get_batch(np.asarray(split.retain_idx[:4]))
+  rng = jax.random.PRNGKey(3)
+  pushed = np.random.default_rng(0).normal(size=(4, 3, 4)).astype(np.float32)
+  hp = {'anchor': jnp.float32(0.5), 'temperature': jnp.float32(2.0)}
+  batch = {'forget': dict(forget, pushed=pushed), 'retain': retain}
+  loss, (_, metrics) = repair.repair_loss(variables['params'], variables['batch_stats'], batch,
+                                          rng, hp, prep.model.apply)
+  # the same forwards (same keys), then the formula in numpy
+  from forgetmi_jax import rng as rng_lib
+  out_f, stats = forward(prep.model.apply, variables['params'], variables['batch_stats'],
+                         model_inputs(forget), train=True,
+                         rng=jax.random.fold_in(rng, rng_lib.REPAIR_FORGET_DROPOUT))
+  out_r, _ = forward(prep.model.apply, variables['params'], stats, model_inputs(retain),
+                     train=True, rng=jax.random.fold_in(rng, rng_lib.REPAIR_RETAIN_DROPOUT))
+  fields = ('logits_img', 'logits_txt', 'logits_joint')
+  labels = np.asarray(retain['label'])
+  ce = np.mean(sum(-_log_softmax(np.asarray(getattr(out_r, f), np.float64))[
+      np.arange(4), labels] for f in fields))
+  kl = 0.0
+  for h, f in enumerate(fields):
+    t = _log_softmax(pushed[:, h].astype(np.float64) / 2.0)
+    s = _log_softmax(np.asarray(getattr(out_f, f), np.float64) / 2.0)
+    kl = kl + (np.exp(t) * (t - s)).sum(-1) * 4.0
+  kl = kl[:3].mean()  # the padded row counts for nothing
+  assert float(metrics['ce_retain']) == pytest.approx(ce, rel=1e-4)
+  assert float(metrics['kl_forget']) == pytest.approx(kl, rel=1e-4)
+  assert float(loss) == pytest.approx(ce + 0.5 * kl, rel=1e-4)
+
+
+def test_pushed_logits_and_positions(prep):
+  ctx = setup.make_context(prep, with_noisy_text=False)
+  pushed = {'copy0': prep.init_variables(0), 'copy1': prep.init_variables(1)}
+  cfg = repair.repair_group(prep.config.forgetmi)
+  method = repair.RepairMethod(ctx, [loop.Copy(0, cfg, 'copy0'), loop.Copy(0, cfg, 'copy1')],
+                               pushed)
+  forget_idx = np.asarray(prep.split.forget_idx)
+  for name, v in pushed.items():  # each copy anchors to its own pushed model, eval mode
+    out, _ = forward(prep.model.apply, v['params'], v['batch_stats'],
+                     model_inputs(prep.source.get_batch(forget_idx)), train=False)
+    want = np.stack([out.logits_img, out.logits_txt, out.logits_joint], axis=1)
+    np.testing.assert_allclose(method.pushed_logits[name], want, rtol=1e-5, atol=1e-5)
+    assert method.start_variables(None, loop.Copy(0, cfg, name)) is v
+  assert not np.allclose(method.pushed_logits['copy0'], method.pushed_logits['copy1'])
+  batch = method.prepare_batch(next(iter(method.seed_batches(0, 0))), 0, 0)
+  ids = np.asarray(batch['forget']['id'])
+  np.testing.assert_array_equal(forget_idx[batch['forget']['position']], ids)
+  assert 'forget_noisy' not in batch
+  with pytest.raises(ValueError, match='copy2'):
+    repair.RepairMethod(ctx, [loop.Copy(0, cfg, 'copy2')], pushed)
+
+
+def test_repair_group_checks_and_off_switch(prep):
+  group = copy.deepcopy(prep.config.forgetmi)
+  assert repair.repair_group(group).epochs == 2
+  group.repair.epochs = 0
+  assert repair.repair_group(group) is None
+  assert repair.repair_group(prep.config.forgetmi_paper) is None  # the paper's: no repair
+  group.repair.epochs, group.repair.lr = 1, 0.0
+  with pytest.raises(ValueError, match='repair.lr'):
+    repair.repair_group(group)
+
+
+def test_two_phase_run_starts_the_repair_from_the_pushed_model(prep, tmp_path):
+  original = prep.init_variables(0)
+  result = setup.run_method(prep, original, 'forgetmi', ckpt_root=str(tmp_path))
+  (stop,) = result.stopping
+  assert 'repair_epoch' in stop and stop['repair_epoch'] >= -1
+  push_rows = [r for r in stop['scores'] if 'phase' not in r]
+  repair_rows = [r for r in stop['scores'] if r.get('phase') == 'repair']
+  assert [r['epoch'] for r in repair_rows] == list(range(-1, len(repair_rows) - 1))
+  # the repair's start is the push's selected model, scored by the same rule
+  push_best = next(r for r in push_rows if r['epoch'] == stop['best_epoch'])
+  assert repair_rows[0]['val_gap'] == pytest.approx(push_best['val_gap'], abs=1e-6)
+  assert stop['best_score'] == min(r['val_gap'] for r in repair_rows)
+  assert setup.best_scores(stop)['val_gap'] == stop['best_score']
+  assert setup.epochs_run(stop) == len(push_rows) + len(repair_rows) - 2
+  assert any(h.get('phase') == 'repair' for h in result.histories[0])
+  # without a stopping rule both phases run their epochs: the heads, frozen in the push,
+  # train in the repair
+  fixed = setup.run_method(prep, original, 'forgetmi', ckpt_root=str(tmp_path / 'fixed'),
+                           stopping=None)
+  assert fixed.stopping is None
+  assert [h.get('phase') for h in fixed.histories[0]] == [None, None, 'repair', 'repair']
+  head = lambda v: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(  # noqa
+      v['params']['image_head'])])
+  assert np.max(np.abs(head(fixed.states[0].variables) - head(original))) > 0
+  # a rerun reloads both phases and reports the first run's seconds and variables
+  again = setup.run_method(prep, original, 'forgetmi', ckpt_root=str(tmp_path))
+  assert again.seconds == result.seconds
+  for a, b in zip(jax.tree_util.tree_leaves(again.states[0].variables),
+                  jax.tree_util.tree_leaves(result.states[0].variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
