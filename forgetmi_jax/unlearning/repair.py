@@ -22,13 +22,13 @@ import ml_collections
 import numpy as np
 
 from forgetmi_jax import rng as rng_lib
-from forgetmi_jax.evaluation.evaluator import make_predict_fn, predict_logits
+from forgetmi_jax.evaluation.evaluator import HEAD_FIELDS, make_predict_fn, predict_logits
 from forgetmi_jax.models.apply import forward, model_inputs
 from forgetmi_jax.train.losses import distill_kl, heads_ce, masked_mean
 from forgetmi_jax.unlearning.method import UnlearningMethod
 
 HEADS = ('image', 'text', 'joint')  # the order of the pushed logits' head axis
-_FIELDS = ('logits_img', 'logits_txt', 'logits_joint')
+_FIELDS = tuple(HEAD_FIELDS[h] for h in HEADS)
 
 
 def repair_group(method_cfg):
