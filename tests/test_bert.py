@@ -52,7 +52,10 @@ def test_pretrained_minilm_matches_transformers_pytorch():
   seq, pooled = _jit_apply(module)(params, jnp.asarray(enc['input_ids']),
                                    jnp.asarray(enc['attention_mask']))
   ref_seq, ref_pooled = _torch_outputs(folder, enc)
-  np.testing.assert_allclose(seq, ref_seq, atol=1e-4, rtol=0)  # padded positions included
+  # float32 through 6 layers: values up to ~1.5 differ by up to ~1.1e-4 between the two
+  # frameworks' reduction orders (seen once with two processes sharing the 2 cores), so the
+  # tolerance scales with the value; a wrong weight mapping differs by O(1).
+  np.testing.assert_allclose(seq, ref_seq, atol=1e-4, rtol=1e-4)  # padded positions included
   np.testing.assert_allclose(pooled, ref_pooled, atol=1e-4, rtol=0)
 
 
