@@ -177,6 +177,11 @@ def display_name(key):
   return registry.label(key)
 
 
+def paper_display_name(key):
+  """A row of the paper's Table 1: its `forgetmi` is the paper's own method."""
+  return display_name('forgetmi_paper' if key == 'forgetmi' else key)
+
+
 def ordered_models(models):
   """original, retrain, then the others in their given order."""
   first = [k for k in ('original', 'retrain') if k in models]
@@ -227,8 +232,7 @@ def _paper_table(paper_fraction):
   rows = []
   for name in ordered_models(table):
     m = table[name]
-    label = display_name('forgetmi_paper' if name == 'forgetmi' else name)  # the paper's own
-    rows.append([label] + [m[k] for k in METRIC_KEYS] +
+    rows.append([paper_display_name(name)] + [m[k] for k in METRIC_KEYS] +
                 [retrain_gaps(m, table['retrain'])['avg_gap']])
   headers = ['Model (paper)', 'MIA', 'Forget AUC', 'Forget F1', 'Test AUC', 'Test F1',
              'Avg. gap']

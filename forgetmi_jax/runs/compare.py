@@ -249,16 +249,17 @@ def orderings(ours, paper, methods, avg_gaps=None):
     best = min(values.values())
     return [m for m in names if m in values and values[m] <= best + 1e-12]
 
-  def summary(models, given=None):
+  def summary(models, names, given=None):
     if 'retrain' not in models:
       return {}
-    names = [m for m in methods if m in models]
     gap = {m: (given[m] if given else retrain_gaps(models[m], models['retrain'])['avg_gap'])
            for m in names}
     return {'by_avg_gap': sorted(names, key=lambda m: gap[m] if gap[m] is not None else math.inf),
             'lowest_mia': lowest(models, names, 'mia'),
             'lowest_forget_f1': lowest(models, names, 'forget_f1')}
-  return {'ours': summary(ours, avg_gaps), 'paper': summary(paper)}
+  paper_methods = [m for m in paper if m not in ('original', 'retrain')]  # its own rows
+  return {'ours': summary(ours, [m for m in methods if m in ours], avg_gaps),
+          'paper': summary(paper, paper_methods)}
 
 
 def build_markdown(payload):
@@ -314,9 +315,9 @@ def build_markdown(payload):
     sep = {'by_avg_gap': ' < ', 'lowest_mia': ' = ', 'lowest_forget_f1': ' = '}
     rows = []
     for what, joiner in sep.items():
-      cell = lambda v: joiner.join(map(report.display_name, v)) or report.MISSING  # noqa
-      rows.append([what.replace('_', ' '), cell(order['ours'].get(what, [])),
-                   cell(order['paper'].get(what, []))])
+      cell = lambda v, name: joiner.join(map(name, v)) or report.MISSING  # noqa: E731
+      rows.append([what.replace('_', ' '), cell(order['ours'].get(what, []), report.display_name),
+                   cell(order['paper'].get(what, []), report.paper_display_name)])
     parts.append(report.markdown_table(['', 'This run', 'Paper'], rows, align=['l', 'l', 'l']))
   return '\n\n'.join(p.strip('\n') for p in parts) + '\n'
 
