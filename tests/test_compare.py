@@ -9,9 +9,9 @@ import pytest
 
 from configs import compare_10pct
 from forgetmi_jax.data.pipeline import ExampleSource
-from forgetmi_jax.runs import compare, setup
 from forgetmi_jax.evaluation import report
 from forgetmi_jax.evaluation.report import PAPER_TABLE1
+from forgetmi_jax.runs import compare, setup
 from forgetmi_jax.unlearning import registry
 
 
