@@ -131,6 +131,11 @@ def build(arg):
   # its noisy copy (forgetmi_jax/unlearning/forgetmi.py).
   c.forgetmi.forget_bound = 'none'
   c.forgetmi.fixed_schedule = False  # True: run `epochs` whatever config.stop says, never tuned
+  # Beyond the paper: the whole run's cost (push, repair and every validation score) at most
+  # this fraction of retraining's, counted in trained examples (train.epochs x retain images;
+  # a scored image counts 1/3: a forward only). Fixed before the run from the schedule and
+  # the set sizes, never from a gap. 0 = no budget (the stopping rule alone ends the run).
+  c.forgetmi.budget = 0.0
 
   # Forget-MI exactly as the paper runs it (REFERENCE 4): its losses and weights, lr 1e-4,
   # 30 epochs, no stopping rule and no tuning. `forgetmi` above is the variant beyond the
@@ -152,6 +157,7 @@ def build(arg):
   c.forgetmi.repair.lr = 1e-4  # AdamW, the push's weight decay
   c.forgetmi.repair.anchor = 1.0  # weight of the forget-set KL to the pushed model
   c.forgetmi.repair.temperature = 1.0
+  c.forgetmi.repair.budget_share = 0.5  # of forgetmi.budget, kept from the push for the repair
 
   # ------------------------------------------------------- when every method stops (no oracle)
   c.stop = ml_collections.ConfigDict()

@@ -5,6 +5,7 @@ library code reads the ConfigDict and never imports the configs/ folder.
 """
 import hashlib
 import json
+import math
 
 import ml_collections
 
@@ -136,6 +137,14 @@ def validate(config):
       errors.append(f'{group}.loss_weights must have keys ur, uu, mu, mr; got {sorted(weights)}')
     elif any(float(v) < 0 for v in weights.values()) or sum(map(float, weights.values())) <= 0:
       errors.append(f'{group}.loss_weights={dict(weights)} must be >= 0 with a positive sum')
+  for group in FORGETMI_GROUPS:
+    budget = float(config[group].get('budget', 0.0))
+    if not (math.isfinite(budget) and budget >= 0):
+      errors.append(f'{group}.budget={budget} must be >= 0 (a fraction of retraining\'s cost; '
+                    '0 = none)')
+  repair = config.forgetmi.get('repair')
+  if repair is not None and not 0 <= float(repair.get('budget_share', 0.5)) < 1:
+    errors.append(f'forgetmi.repair.budget_share={repair.budget_share} must be in [0, 1)')
   if int(config.stop.patience) < 1:
     errors.append(f'stop.patience={config.stop.patience} must be >= 1')
   if not 0 <= float(config.data.val_fraction) < 0.5:

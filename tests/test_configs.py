@@ -61,3 +61,11 @@ def test_reference_config_runs_its_first_epochs(tmp_path):
 def test_typo_in_config_arg_names_it():
   with pytest.raises(ValueError, match="unknown config argument 'smoek'"):
     load(os.path.join(ROOT, 'configs', 'unlearn.py'), 'smoek')
+
+
+def test_a_bad_budget_is_named_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match=r'forgetmi\.budget=-0\.1 must be >= 0'):
+    config_lib.validate(tiny_config(tmp_path, **{'forgetmi.budget': -0.1}))
+  with pytest.raises(ValueError, match=r'forgetmi\.repair\.budget_share=1\.0 must be in'):
+    config_lib.validate(tiny_config(tmp_path, **{'forgetmi.repair.budget_share': 1.0}))
+  config_lib.resolve(tiny_config(tmp_path, **{'forgetmi.budget': 0.1}))

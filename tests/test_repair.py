@@ -1,6 +1,9 @@
 """Forget-MI+'s repair phase: its loss against a numpy computation, the pushed logits it anchors
 to, and the two-phase run (push, then repair from each copy's pushed model, one stopping rule)."""
 import copy
+import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -122,3 +125,35 @@ def test_two_phase_run_starts_the_repair_from_the_pushed_model(prep, tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(again.states[0].variables),
                   jax.tree_util.tree_leaves(result.states[0].variables)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+
+def test_budget_caps_push_and_repair_together(prep, tmp_path):
+  """`forgetmi.budget`: push + repair + every score within budget x retraining's examples,
+  the push within its share, each phase ended by the budget (not by its epochs or patience)."""
+  original = prep.init_variables(0)
+  retrain = setup.retrain_examples(prep)
+  assert retrain == prep.config.train.epochs * len(prep.split.retain_idx)
+  config = copy.deepcopy(prep.config)
+  config.forgetmi.epochs = config.forgetmi.repair.epochs = 50
+  config.stop.patience = 100  # only the budget ends these runs
+  config.stop.at_chance = False
+  p = dataclasses.replace(prep, config=config)
+  score = loop.SCORE_COST * setup.validation_monitor(p, original).rows
+  step = 2 * config.forgetmi.batch_size  # a step's forget + retain examples, at most
+  # room for about three epochs of each phase, whatever the tiny cohort's sizes
+  config.forgetmi.budget = 2 * (score + 3 * (score + 4 * step)) / retrain
+  budget = config.forgetmi.budget * retrain
+  result = setup.run_method(p, original, 'forgetmi', ckpt_root=str(tmp_path / 'a'))
+  push = [h for h in result.histories[0] if 'phase' not in h]
+  repaired = [h for h in result.histories[0] if h.get('phase') == 'repair']
+  assert 0 < len(push) < 50 and 0 < len(repaired) < 50
+  assert push[-1]['spent'] <= budget / 2 < push[-1]['spent'] + step + score
+  assert result.spent == pytest.approx(push[-1]['spent'] + repaired[-1]['spent'])
+  assert result.spent <= budget < result.spent + step + score
+  with open(os.path.join(str(tmp_path / 'a'), 'forgetmi', result.fingerprint,
+                         'DONE.json')) as f:
+    assert json.load(f)['examples_per_copy'] == pytest.approx(result.spent)
+  config.forgetmi.budget = -1.0
+  with pytest.raises(ValueError, match='forgetmi.budget=-1.0'):
+    setup.run_method(p, original, 'forgetmi', ckpt_root=str(tmp_path / 'b'))

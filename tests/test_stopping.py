@@ -130,3 +130,37 @@ def test_reevaluation_restores_the_best_epoch(prep, tmp_path):
   assert result.stopping[0]['best_epoch'] == 0
   assert not np.array_equal(jax.tree.leaves(last[0].params)[0],
                             jax.tree.leaves(final[0].params)[0])
+
+
+def _epoch_rows(method, epoch):
+  """Real examples of each step of an epoch, counted from the method's own batches."""
+  return [int(sum(np.sum(np.asarray(v['mask'])) for v in b.values()
+                  if isinstance(v, dict) and 'mask' in v))
+          for b in method.seed_batches(epoch, 0)]
+
+
+def test_example_budget_ends_inside_it_and_counts_scores(prep, tmp_path):
+  original = prep.init_variables(0)
+  method = _method(prep, 1, 6)
+  rows0, rows1 = _epoch_rows(method, 0), _epoch_rows(method, 1)
+  assert len(rows1) >= 2
+  score_rows = 30
+  score = loop.SCORE_COST * score_rows
+  # the start's score, epoch 0, epoch 1's first step, epoch 1's score, and a bit less than
+  # epoch 1's second step: the run must stop after exactly one step of epoch 1
+  budget = score + sum(rows0) + score + rows1[0] + score + rows1[1] - 0.5
+  rule = loop.Stopping(Scripted({0: [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]}), patience=2,
+                       score_rows=score_rows)
+  result = loop.run(method, original, str(tmp_path / 'budget'), stopping=rule,
+                    example_budget=budget)
+  assert [h['steps'] for h in result.histories[0]] == [len(rows0), 1]
+  assert result.spent == pytest.approx(3 * score + sum(rows0) + rows1[0])
+  assert result.spent <= budget
+  assert result.stopping[0]['epochs_scored'] == 3  # start, epoch 0, the cut epoch 1
+  assert result.stopping[0]['best_epoch'] == 1  # the cut epoch is scored like any other
+  # a budget that holds the start's score but no step and its score: nothing is trained
+  rule = loop.Stopping(Scripted({0: [1.0, 0.9]}), patience=2, score_rows=score_rows)
+  none = loop.run(_method(prep, 1, 6), original, str(tmp_path / 'none'), stopping=rule,
+                  example_budget=2 * score + min(rows0) - 0.5)
+  assert none.histories[0] == [] and none.spent == pytest.approx(score)
+  _same(none.states[0].params, original['params'])

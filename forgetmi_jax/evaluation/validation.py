@@ -129,6 +129,11 @@ class ValidationMonitor:
     self.labels = np.asarray(labels)
     self.reference = None
 
+  @property
+  def rows(self):
+    """Images one score forwards (its cost against an example budget)."""
+    return int(sum(len(idx) for idx in self.sets.values()))
+
   def measure(self, variables):
     """{member_auc, forget_auc, forget_f1, val_auc, val_f1[, svc_forget, svc_val,
     retain_acc]} of one model."""

@@ -10,6 +10,7 @@ or reports another run's model.
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -320,6 +321,7 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   repair_cfgs = [repair_group(c.cfg) for c in copies]  # checked before any long work
   if len({r is None for r in repair_cfgs}) > 1:
     raise ValueError(f'{name}: copies disagree on repair.epochs > 0')
+  budget = example_budget(prep, name, copies)
   ctx = ctx or make_context(prep, name=name)
   method = registry.get(name)(ctx, copies)
   key, _ = run_fingerprint(prep, name, copies, loop_kwargs.get('time_budget_s'))
@@ -328,6 +330,9 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   loop_kwargs.setdefault('chunk_size', int(prep.config.copies_per_program))
   if 'stopping' not in loop_kwargs:
     loop_kwargs['stopping'] = stopping_rule(prep, original, name)
+  if budget is not None:  # the push leaves the repair its share
+    share = float(repair_cfgs[0].budget_share) if repair_cfgs[0] is not None else 0.0
+    loop_kwargs['example_budget'] = budget * (1.0 - share)
   result = loop.run(method, original, ckpt_dir, mesh=prep.mesh, desc=f'unlearn {name}',
                     **loop_kwargs)
   steps = [sum(e['steps'] for e in h) for h in result.histories]
@@ -340,8 +345,14 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
     raise RuntimeError(f'{name}: no step was taken in {method.epochs} epochs (an empty forget '
                        f'or retain stream?); see {ckpt_dir}')
   if repair_cfgs[0] is not None:
+    if budget is not None:
+      loop_kwargs['example_budget'] = budget - result.spent
     result = run_repair(prep, original, name, ctx, copies, result, repair_cfgs, ckpt_dir,
                         loop_kwargs)
+  if budget is not None:
+    log.info('%s: %.0f of its budget of %.0f trained examples per copy (%.3f of retraining\'s '
+             '%d)', name, result.spent, budget, result.spent / retrain_examples(prep),
+             retrain_examples(prep))
   result.fingerprint = key
   # A finished run records its time once: a rerun that only reloads reports the run's seconds.
   done = os.path.join(ckpt_dir, 'DONE.json')
@@ -349,8 +360,28 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
     with open(done) as f:
       result.seconds = float(json.load(f)['seconds'])
   else:
-    write_json_atomic({'seconds': result.seconds, 'fingerprint': key}, done)
+    write_json_atomic({'seconds': result.seconds, 'fingerprint': key,
+                       'examples_per_copy': result.spent}, done)
   return result
+
+
+def retrain_examples(prep: Prepared) -> int:
+  """What retraining costs in trained examples: train.epochs passes over the retain set."""
+  return int(prep.config.train.epochs) * len(prep.split.retain_idx)
+
+
+def example_budget(prep: Prepared, name, copies):
+  """A run's example budget per copy (loop.run's `example_budget`): `<method>.budget` x what
+  retraining costs, so a run's cost is set before it starts from the original's schedule and
+  the retain set's size (never from a retrained model or a gap); None when the budget is 0."""
+  fractions = {float(c.cfg.get('budget', 0.0)) for c in copies}
+  if len(fractions) > 1:
+    raise ValueError(f'{name}: copies disagree on budget ({sorted(fractions)})')
+  fraction = fractions.pop()
+  if not (math.isfinite(fraction) and fraction >= 0):
+    raise ValueError(f'{name}.budget={fraction} must be >= 0 (a fraction of retraining\'s '
+                     'cost; 0 = no budget)')
+  return fraction * retrain_examples(prep) if fraction > 0 else None
 
 
 def run_repair(prep: Prepared, original, name, ctx, copies, pushed: loop.Result, repair_cfgs,
@@ -364,8 +395,16 @@ def run_repair(prep: Prepared, original, name, ctx, copies, pushed: loop.Result,
   method = RepairMethod(ctx, repair_copies, {n: s.variables for n, s in zip(names, pushed.states)},
                         batch_size=int(prep.config.eval.batch_size))
   kwargs = dict(loop_kwargs)
+  stopping = kwargs.get('stopping')
+  score_cost = loop.SCORE_COST * stopping.score_rows if stopping is not None else 0.0
+  if kwargs.get('example_budget') is not None and kwargs['example_budget'] <= score_cost:
+    log.info('repair %s: the push left no budget for it (%.0f trained examples per copy)',
+             name, kwargs['example_budget'])
+    return pushed
   if kwargs.get('tb_dir'):
     kwargs['tb_dir'] = os.path.join(kwargs['tb_dir'], 'repair')
+  if pushed.stopping is not None and stopping is not None:  # its start: the push's selection
+    kwargs['start_scores'] = [best_scores(s) for s in pushed.stopping]
   repaired = loop.run(method, original, ckpt_dir + '.repair', mesh=prep.mesh,
                       desc=f'repair {name}', **kwargs)
   mark = lambda rows: [dict(r, phase='repair') for r in rows]  # noqa: E731
@@ -378,7 +417,7 @@ def run_repair(prep: Prepared, original, name, ctx, copies, pushed: loop.Result,
   return loop.Result(repaired.states, pushed.seconds + repaired.seconds,
                      [h + mark(r) for h, r in zip(pushed.histories, repaired.histories)],
                      pushed.memory, resumed_from=pushed.resumed_from + repaired.resumed_from,
-                     stopping=stops)
+                     stopping=stops, spent=pushed.spent + repaired.spent)
 
 
 def best_scores(stop: dict) -> dict:
@@ -415,7 +454,7 @@ def stopping_rule(prep: Prepared, original, name):
   monitor = validation_monitor(prep, original)
   done = (lambda scores: monitor.at_chance(scores, float(rule.z))) if rule.at_chance else None
   return loop.Stopping(monitor, patience=int(rule.patience), min_delta=float(rule.min_delta),
-                       done_fn=done)
+                       done_fn=done, score_rows=monitor.rows)
 
 
 def validation_monitor(prep: Prepared, original):

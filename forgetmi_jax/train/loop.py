@@ -32,6 +32,9 @@ from forgetmi_jax.train.checkpoints import Checkpoints, load_variables, save_var
 from forgetmi_jax.train.tensorboard import EventWriter
 
 log = logging.getLogger('forgetmi_jax')
+# What one scored image costs against an example budget, in trained examples: a forward
+# only, where a training step's example costs its forward and a backward about twice as long.
+SCORE_COST = 1.0 / 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +248,7 @@ class Stopping:
   key: str = 'val_gap'
   # scores -> True when the goal is reached: a copy whose new best epoch meets it stops there
   done_fn: Callable | None = None
+  score_rows: int = 0  # images one score forwards (what it costs against an example budget)
 
 
 class _StopTrack:
@@ -264,15 +268,17 @@ class _StopTrack:
   def all_stopped(self):
     return all(s >= self.stopping.patience for s in self.since)
 
-  def observe(self, epoch, variables_per_copy):
-    """Score every copy after `epoch`; True when some copy has a new best."""
+  def observe(self, epoch, variables_per_copy, given=None):
+    """Score every copy after `epoch` (or take `given`, one score row per copy, for variables
+    already scored elsewhere); True when some copy has a new best."""
     improved = False
     if self.best is None:  # a start that cannot be scored (nan) is still a result
       self.best = list(variables_per_copy)
     for j, v in enumerate(variables_per_copy):
       if self.since[j] >= self.stopping.patience:
         continue  # stopped: its result is fixed
-      row = {k: float(x) for k, x in self.stopping.score_fn(v).items()}
+      row = {k: float(x) for k, x in (given[j] if given is not None
+                                      else self.stopping.score_fn(v)).items() if k != 'epoch'}
       self.scores[j].append({'epoch': int(epoch), **row})
       score = row[self.stopping.key]
       if math.isfinite(score) and score < self.best_score[j] - float(self.stopping.min_delta):
@@ -342,6 +348,7 @@ class Result:
   fingerprint: str = ''
   resumed_from: list = dataclasses.field(default_factory=list)  # first epoch run, per chunk
   stopping: list | None = None
+  spent: float = 0.0  # per copy, in trained examples: rows stepped + SCORE_COST x rows scored
 
 
 def _epoch_batches(method: Method, epoch: int):
@@ -389,7 +396,8 @@ def _restore_hparams(hparams, saved):
 def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None,
         chunk_size: int = 0, memory_budget_bytes: float | None = None,
         tb_dir: str | None = None, stopping: Stopping | None = None,
-        time_budget_s: float | None = None) -> Result:
+        time_budget_s: float | None = None, example_budget: float | None = None,
+        start_scores: list | None = None) -> Result:
   """Run `method`'s copies from `original` ({'params', 'batch_stats'}) for its epochs.
 
   Per-epoch checkpoints under `ckpt_dir` (one folder per chunk); a killed run resumes from the
@@ -400,7 +408,12 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`). With
   `time_budget_s` (seconds per copy: a chunk of k copies gets k times it), the run ends at the
   first step past the budget, finishing that epoch's hooks, scoring and checkpoint (an
-  equal-wall-time comparison).
+  equal-wall-time comparison). With `example_budget` (per copy, in trained examples: each
+  example a copy steps counts 1, each image a score forwards SCORE_COST, the start's score
+  too), no step is taken that would leave too little for the epoch's score: the run ends
+  within its budget, machine-independent and deterministic (`Result.spent` says how much).
+  `start_scores` (one score row per copy) are the start's scores when the caller already has
+  them (a second phase starting from the first's selected models): not scored, not charged.
   """
   mesh = mesh or parallel.make_mesh()
   n = len(method.copies)
@@ -411,7 +424,7 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     memory = _measure(method, original)
   sizes = plan_chunks(n, (memory or {}).get('per_copy_bytes'), (memory or {}).get('fixed_bytes', 0),
                       memory_budget_bytes, chunk_size)
-  states, histories, start, resumed, programs, stops = [], [], 0, [], {}, []
+  states, histories, start, resumed, programs, stops, spent = [], [], 0, [], {}, [], 0.0
   for c, size in enumerate(sizes):
     chunk = method.copies[start:start + size]
     pad = max(sizes) - size
@@ -425,15 +438,18 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     if key not in programs:
       programs[key] = _Program(method.step, *key)
     budget = None if time_budget_s is None else float(time_budget_s) * len(sub.copies)
-    s, h, first, track = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb, programs[key],
-                                    stopping, budget)
+    given = None if start_scores is None else list(start_scores[start:start + size])
+    given = given if given is None else given + given[-1:] * pad
+    s, h, first, track, cost = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb,
+                                          programs[key], stopping, budget, example_budget, given)
+    spent = max(spent, cost)
     resumed.append(first)
     states += s[:size]
     histories += h[:size]
     stops += track.summary()[:size] if track is not None else []
     start += size
   return Result(states, time.time() - t0, histories, memory, resumed_from=resumed,
-                stopping=stops if stopping is not None else None)
+                stopping=stops if stopping is not None else None, spent=spent)
 
 
 def _measure(method, original):
@@ -466,25 +482,30 @@ def _write_events(writer, tags, first_step, metrics_per_step, epoch_scalars):
 
 
 def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, stopping=None,
-               budget_s=None):
+               budget_s=None, example_budget=None, start_scores=None):
   n = len(method.copies)
+  score_cost = SCORE_COST * stopping.score_rows if stopping is not None else 0.0
+  spent = 0.0  # per copy, in trained examples
   t_start = time.time()
   states = stack([method.init_state(original, c) for c in method.copies])
   hparams = stack([method.hparams(c) for c in method.copies])
   ckpt = Checkpoints(ckpt_dir)
-  start, histories, track = 0, [[] for _ in range(n)], None
+  start, histories, track, ended = 0, [[] for _ in range(n)], None, False
   if ckpt.latest_epoch() is not None:
     states, extra = ckpt.restore(states)
     start = ckpt.latest_epoch() + 1
     histories = extra.get('histories', histories)
     hparams = _restore_hparams(hparams, extra.get('hparams', {}))
+    spent = float(extra.get('spent', 0.0))
+    ended = bool(extra.get('out_of_budget', False))  # a rerun never trains past a budget
     if stopping is not None:
       track = _StopTrack(stopping, n, extra.get('stopping'))
       track.restore_best(ckpt_dir, _variables(states, n))
     log.info('%s: resuming after epoch %d from %s', desc, start - 1, ckpt_dir)
   elif stopping is not None:  # score the start: epoch -1
     track = _StopTrack(stopping, n)
-    track.observe(-1, _variables(states, n))
+    track.observe(-1, _variables(states, n), given=start_scores)
+    spent += score_cost if start_scores is None else 0.0
     track.save_best(ckpt_dir, -1)
   states = parallel.replicate(states, mesh)
   shared = method.shared_batch
@@ -495,24 +516,34 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
   tags = _tags(method, n)
   with tqdm(total=method.epochs, initial=start, desc=desc, unit='epoch',
             dynamic_ncols=True) as bar:
-    out_of_time = False
+    out_of_time = ended
     for epoch in range(start, method.epochs):
       if out_of_time or (track is not None and track.all_stopped):
         break
+      if example_budget is not None and spent + score_cost >= float(example_budget):
+        break  # not even one step and its score fit
       hparams = method.start_epoch(epoch, hparams)
       metrics, steps, seen, t_epoch, logged = None, 0, 0, time.time(), []
       carry, carry_hparams = program.enter(states), program.enter(hparams)
       for i, batch in enumerate(_epoch_batches(method, epoch)):
+        rows = _real_rows(batch)
+        per_copy = rows if shared else rows / n
+        if example_budget is not None and spent + per_copy + score_cost > float(example_budget):
+          out_of_time = True  # out of examples: this epoch ends here, with its score
+          break
         rngs = jnp.stack([method.step_rng(s, epoch, i) for s in method.seeds])
         carry, metrics = program(carry, original, shard_step_batch(batch, mesh, shared), rngs,
                                  carry_hparams)
         steps += 1
-        seen += _real_rows(batch)
+        seen += rows
+        spent += per_copy
         if writer is not None:
           logged.append(metrics)
         if budget_s is not None and time.time() - t_start > budget_s:
           out_of_time = True
           break
+      if out_of_time and steps == 0:
+        break  # the budget ended the run before this epoch's first step: nothing to score
       states = program.leave(carry)
       last = ({k: np.asarray(v).reshape(n) for k, v in jax.device_get(metrics).items()}
               if metrics is not None else {})
@@ -527,15 +558,19 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
       for j in range(n):
         histories[j].append({'epoch': epoch, 'steps': steps, 'examples_per_s': rate,
                              **{k: float(v[j]) for k, v in last.items()}})
-      extra = {'histories': histories, 'hparams': _jsonable(hparams)}
       old_best = None
       if track is not None:
+        spent += score_cost
         if track.observe(epoch, _variables(states, n)):
           old_best = track.save_best(ckpt_dir, epoch)
-        extra['stopping'] = track.to_json()
         for j, row in enumerate(track.scores):
           if row and row[-1]['epoch'] == epoch:
             histories[j][-1][stopping.key] = row[-1][stopping.key]
+      for j in range(n):
+        histories[j][-1]['spent'] = spent  # per copy so far, this epoch's score included
+      extra = {'histories': histories, 'hparams': _jsonable(hparams), 'spent': spent,
+               'out_of_budget': out_of_time,
+               **({'stopping': track.to_json()} if track is not None else {})}
       ckpt.save(epoch, states, extra=extra)
       if old_best:
         shutil.rmtree(old_best, ignore_errors=True)  # the checkpoint now names the new one
@@ -553,7 +588,7 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
   if track is not None:  # every copy ends at its best epoch
     host = [s.replace(params=b['params'], batch_stats=b['batch_stats'])
             for s, b in zip(host, track.best)]
-  return host, histories, start, track
+  return host, histories, start, track, spent
 
 
 def _real_rows(batch):

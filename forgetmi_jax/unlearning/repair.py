@@ -39,6 +39,9 @@ def repair_group(method_cfg):
   for key in ('lr', 'anchor', 'temperature'):
     if not float(repair[key]) > 0:
       raise ValueError(f'repair.{key}={repair[key]} must be > 0')
+  share = float(repair.get('budget_share', 0.5))
+  if not 0 <= share < 1:
+    raise ValueError(f'repair.budget_share={share} must be in [0, 1)')
   if int(repair.retain_examples) < 0:
     raise ValueError(f'repair.retain_examples={repair.retain_examples} must be >= 0 '
                      '(0 = the whole retain set)')
@@ -48,7 +51,7 @@ def repair_group(method_cfg):
       'weight_decay': float(method_cfg.weight_decay),
       'adam_eps': float(method_cfg.get('adam_eps', 1e-6)),
       'retain_examples': int(repair.retain_examples), 'anchor': float(repair.anchor),
-      'temperature': float(repair.temperature)})
+      'temperature': float(repair.temperature), 'budget_share': share})
 
 
 def repair_loss(params, batch_stats, batch, rng, hp, apply_fn):
