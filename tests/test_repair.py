@@ -148,9 +148,21 @@ def test_budget_caps_push_and_repair_together(prep, tmp_path):
   push = [h for h in result.histories[0] if 'phase' not in h]
   repaired = [h for h in result.histories[0] if h.get('phase') == 'repair']
   assert 0 < len(push) < 50 and 0 < len(repaired) < 50
-  assert push[-1]['spent'] <= budget / 2 < push[-1]['spent'] + step + score
+  # a phase ends when not even half of its next epoch (loop.MIN_EPOCH_SHARE) and the score fit
+  share = loop.MIN_EPOCH_SHARE
+  push_epoch = max(h['steps'] for h in push) * step
+  repair_epoch = max(h['steps'] for h in repaired) * step
+  assert push[-1]['spent'] <= budget / 2 < (push[-1]['spent'] + score
+                                             + max(step, share * push_epoch))
   assert result.spent == pytest.approx(push[-1]['spent'] + repaired[-1]['spent'])
-  assert result.spent <= budget < result.spent + step + score
+  assert result.spent <= budget < result.spent + score + max(step, share * repair_epoch)
+  # a whole repair epoch costs its real rows (hand-counted) and its score
+  n_forget, size = len(prep.split.forget_idx), config.forgetmi.batch_size
+  n_retain = min(config.forgetmi.repair.retain_examples, len(prep.split.retain_idx))
+  rows = (-(-n_retain // size) * size + n_retain) if n_retain > n_forget else 2 * n_forget
+  whole = [b['spent'] - a['spent'] for a, b in zip(repaired, repaired[1:])
+           if b['steps'] == repaired[0]['steps']]
+  assert whole and whole == pytest.approx([rows + score] * len(whole))
   with open(os.path.join(str(tmp_path / 'a'), 'forgetmi', result.fingerprint,
                          'DONE.json')) as f:
     assert json.load(f)['examples_per_copy'] == pytest.approx(result.spent)

@@ -164,3 +164,50 @@ def test_example_budget_ends_inside_it_and_counts_scores(prep, tmp_path):
                   example_budget=2 * score + min(rows0) - 0.5)
   assert none.histories[0] == [] and none.spent == pytest.approx(score)
   _same(none.states[0].params, original['params'])
+
+
+class _Announced(NegGradPlusMethod):
+  """NegGrad+ telling the loop its epoch's size, counted from its own batches."""
+
+  def epoch_examples(self, epoch):
+    return sum(_epoch_rows(self, epoch))
+
+
+def test_paired_examples_counts_the_epochs_real_rows(prep):
+  method = _method(prep, 1, 2)
+  assert method.paired_examples() == sum(_epoch_rows(method, 0))  # forget set + equal sample
+  full = copy.deepcopy(prep.config.neggrad_plus)
+  full.retain_pass = 'full'  # the whole retain set, the forget set cycled in full batches
+  ctx = run_setup.make_context(prep, with_noisy_text=False)
+  whole = NegGradPlusMethod(ctx, [loop.Copy(0, full)])
+  retain = len(prep.split.retain_idx)
+  assert retain > len(prep.split.forget_idx)
+  assert whole.paired_examples(retain) == sum(_epoch_rows(whole, 0))
+
+
+def test_an_epoch_that_cannot_mostly_run_is_not_begun(prep, tmp_path):
+  original = prep.init_variables(0)
+  cfg = copy.deepcopy(prep.config.neggrad_plus)
+  cfg.epochs, cfg.batch_size = 6, 2  # several steps per epoch
+  method = _Announced(run_setup.make_context(prep, with_noisy_text=False), [loop.Copy(0, cfg)])
+  rows0, rows1 = _epoch_rows(method, 0), _epoch_rows(method, 1)
+  assert len(rows1) >= 3
+  score_rows = 30
+  score = loop.SCORE_COST * score_rows
+  # the start's score, epoch 0 and its score, then room for epoch 1's first step and its
+  # score but for less than half of epoch 1: without the share rule one step would run
+  budget = 3 * score + sum(rows0) + min(rows1[0] + 0.5, loop.MIN_EPOCH_SHARE * sum(rows1) - 0.5)
+  assert budget - 3 * score - sum(rows0) >= rows1[0]
+  rule = loop.Stopping(Scripted({0: [1.0, 0.9, 0.8]}), patience=2, score_rows=score_rows)
+  result = loop.run(method, original, str(tmp_path / 'share'), stopping=rule,
+                    example_budget=budget)
+  assert [h['steps'] for h in result.histories[0]] == [len(rows0)]
+  assert result.spent == pytest.approx(2 * score + sum(rows0))
+  # with half of epoch 1 in the budget, it is begun (and cut by the budget)
+  budget = 3 * score + sum(rows0) + loop.MIN_EPOCH_SHARE * sum(rows1)
+  rule = loop.Stopping(Scripted({0: [1.0, 0.9, 0.8]}), patience=2, score_rows=score_rows)
+  half = loop.run(method, original, str(tmp_path / 'half'), stopping=rule,
+                  example_budget=budget)
+  steps = [h['steps'] for h in half.histories[0]]
+  assert steps[0] == len(rows0) and 0 < steps[1] < len(rows1)
+  assert half.spent <= budget

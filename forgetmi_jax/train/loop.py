@@ -35,6 +35,9 @@ log = logging.getLogger('forgetmi_jax')
 # What one scored image costs against an example budget, in trained examples: a forward
 # only, where a training step's example costs its forward and a backward about twice as long.
 SCORE_COST = 1.0 / 3.0
+# Under an example budget an epoch starts only when this share of it (`Method.epoch_examples`)
+# and its score still fit: a score after a few steps costs more than the steps move.
+MIN_EPOCH_SHARE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,11 @@ class Method:
 
   def step_rng(self, seed: int, epoch: int, index: int):
     raise NotImplementedError
+
+  def epoch_examples(self, epoch: int) -> float | None:
+    """Real rows one copy steps in `epoch` (what it costs against an example budget); None
+    when not known ahead, and then an epoch starts whenever one step and its score fit."""
+    return None
 
   def step(self, state, original, batch, rng, hparams):
     """Pure: one copy's (state, metrics) after one batch. `original` is the frozen original's
@@ -411,7 +419,8 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   equal-wall-time comparison). With `example_budget` (per copy, in trained examples: each
   example a copy steps counts 1, each image a score forwards SCORE_COST, the start's score
   too), no step is taken that would leave too little for the epoch's score: the run ends
-  within its budget, machine-independent and deterministic (`Result.spent` says how much).
+  within its budget, machine-independent and deterministic (`Result.spent` says how much),
+  and an epoch whose `MIN_EPOCH_SHARE` (by `Method.epoch_examples`) cannot run is not begun.
   `start_scores` (one score row per copy) are the start's scores when the caller already has
   them (a second phase starting from the first's selected models): not scored, not charged.
   """
@@ -522,6 +531,9 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
         break
       if example_budget is not None and spent + score_cost >= float(example_budget):
         break  # not even one step and its score fit
+      expected = method.epoch_examples(epoch) if example_budget is not None else None
+      if expected and spent + score_cost + MIN_EPOCH_SHARE * expected > float(example_budget):
+        break  # too little of the epoch would run for its score to be worth it
       hparams = method.start_epoch(epoch, hparams)
       metrics, steps, seen, t_epoch, logged = None, 0, 0, time.time(), []
       carry, carry_hparams = program.enter(states), program.enter(hparams)

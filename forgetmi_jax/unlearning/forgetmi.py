@@ -309,6 +309,10 @@ class ForgetMIMethod(UnlearningMethod):
   def seed_batches(self, epoch, seed):
     return super().seed_batches(0 if self.replay else epoch, seed)
 
+  def epoch_examples(self, epoch):
+    full = self.full_retain_pass()
+    return self.paired_examples(len(self.ctx.split.retain_idx) if full else None)
+
   def step_rng(self, seed, epoch, index):
     return super().step_rng(seed, 0 if self.replay else epoch, index)
 

@@ -6,6 +6,7 @@ method. Defaults here: start every copy from the frozen original, one optimiser 
 forget set once, paired with an equal-size retain sample), step keys by (seed, epoch, step).
 """
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -103,6 +104,15 @@ class UnlearningMethod(Method):
                               self.retain_sampler(seed), epoch, int(self.cfg.batch_size),
                               noisy_tokens=self.ctx.noisy_tokens, seed=int(seed),
                               retain_examples=retain_examples, buckets=self.ctx.text_buckets)
+
+  def paired_examples(self, retain_examples=None):
+    """Real rows of one `paired_batches` epoch: the forget set and as many retain examples,
+    or with the forget set cycled full forget batches beside `retain_examples`."""
+    forget = len(self.ctx.split.forget_idx)
+    if retain_examples is not None and int(retain_examples) > forget:
+      size = int(self.cfg.batch_size)
+      return math.ceil(int(retain_examples) / size) * size + int(retain_examples)
+    return 2 * forget
 
   def seed_batches(self, epoch, seed):
     full = self.full_retain_pass()

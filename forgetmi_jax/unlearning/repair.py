@@ -97,10 +97,15 @@ class RepairMethod(UnlearningMethod):
             'temperature': jnp.float32(copy.cfg.temperature),
             'pushed_forget_logits': jnp.asarray(self.pushed_logits[copy.name], jnp.float32)}
 
-  def seed_batches(self, epoch, seed):
+  def retain_examples(self):
     retain = len(self.ctx.split.retain_idx)
-    examples = min(int(self.cfg.retain_examples) or retain, retain)
-    return self.paired_batches(epoch, seed, examples)
+    return min(int(self.cfg.retain_examples) or retain, retain)
+
+  def seed_batches(self, epoch, seed):
+    return self.paired_batches(epoch, seed, self.retain_examples())
+
+  def epoch_examples(self, epoch):
+    return self.paired_examples(self.retain_examples())
 
   def prepare_batch(self, batch, epoch, seed):
     batch = super().prepare_batch(batch, epoch, seed)
