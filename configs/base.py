@@ -131,6 +131,10 @@ def build(arg):
   # its noisy copy (forgetmi_jax/unlearning/forgetmi.py).
   c.forgetmi.forget_bound = 'none'
   c.forgetmi.fixed_schedule = False  # True: run `epochs` whatever config.stop says, never tuned
+  # Beyond the paper: where a step's forget gradient points against its retain gradient, remove
+  # this share (0..1) of its component along the retain gradient (PCGrad; 0 = the paper), so
+  # the push spares the retain embeddings (forgetmi_jax/unlearning/forgetmi.py).
+  c.forgetmi.project_conflicts = 0.0
   # Beyond the paper: the whole run's cost (push, repair and every validation score) at most
   # this fraction of retraining's, counted in trained examples (train.epochs x retain images;
   # a scored image counts 1/3: a forward only). Fixed before the run from the schedule and
@@ -146,6 +150,7 @@ def build(arg):
   c.forgetmi_paper.train_mode = True
   c.forgetmi_paper.forget_bound = 'none'
   c.forgetmi_paper.fixed_schedule = True
+  c.forgetmi_paper.project_conflicts = 0.0
   # Forget-MI+ only (beyond the paper; forgetmi_jax/unlearning/repair.py): after the push has
   # stopped, re-memorise the retain set (CE) while each forget image's outputs stay anchored
   # (KL) to the pushed model's, under the same stopping rule. `epochs` 0 turns it off.

@@ -138,6 +138,9 @@ def validate(config):
     elif any(float(v) < 0 for v in weights.values()) or sum(map(float, weights.values())) <= 0:
       errors.append(f'{group}.loss_weights={dict(weights)} must be >= 0 with a positive sum')
   for group in FORGETMI_GROUPS:
+    strength = float(config[group].get('project_conflicts', 0.0))
+    if not 0 <= strength <= 1:
+      errors.append(f'{group}.project_conflicts={strength} must be in [0, 1] (0 = the paper)')
     budget = float(config[group].get('budget', 0.0))
     if not (math.isfinite(budget) and budget >= 0):
       errors.append(f'{group}.budget={budget} must be >= 0 (a fraction of retraining\'s cost; '

@@ -69,3 +69,5 @@ def test_a_bad_budget_is_named_before_any_work(tmp_path):
   with pytest.raises(ValueError, match=r'forgetmi\.repair\.budget_share=1\.0 must be in'):
     config_lib.validate(tiny_config(tmp_path, **{'forgetmi.repair.budget_share': 1.0}))
   config_lib.resolve(tiny_config(tmp_path, **{'forgetmi.budget': 0.1}))
+  with pytest.raises(ValueError, match=r'forgetmi\.project_conflicts=1\.5 must be in \[0, 1\]'):
+    config_lib.validate(tiny_config(tmp_path, **{'forgetmi.project_conflicts': 1.5}))

@@ -118,8 +118,36 @@ def forgetmi_grads(params, batch_stats, targets, batch, rng, hp, apply_fn, set_p
       params, batch_stats)
   (loss_r, (batch_stats, r_terms)), grads_r = grad_fn(part(retain_terms, 'retain'))(
       _after(params, grads_f), batch_stats)
+  metrics = {'loss': loss_f + loss_r, **f_terms, **r_terms}
+  if 'project_conflicts' in hp:
+    grads_f, metrics['grad_cos'] = project_conflict(grads_f, grads_r, hp['project_conflicts'])
   grads = jax.tree_util.tree_map(jnp.add, grads_f, grads_r)
-  return grads, (batch_stats, {'loss': loss_f + loss_r, **f_terms, **r_terms})
+  return grads, (batch_stats, metrics)
+
+
+def _vdot(a, b):
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
+                                            jax.tree_util.tree_leaves(b)))
+
+
+def project_conflict(forget_grads, retain_grads, strength):
+  """(forget gradient, cosine of the two): beyond the paper, PCGrad's projection (Yu et al.,
+  NeurIPS 2020) of the forget part's gradient. Where it points against the retain part's
+  (g_f . g_r < 0) it loses `strength` x its component along g_r,
+
+    g_f <- g_f - strength * min(g_f . g_r, 0) / |g_r|^2 * g_r,
+
+  so at strength 1 a step that pushes the forget embeddings does not, to first order, move the
+  batch's retain embeddings away from the original's. Measured (README "What limits it"): the
+  push that forgets the forget set also forgets the retain set. Strength 0 is the paper."""
+  dot = _vdot(forget_grads, retain_grads)
+  norm_r = _vdot(retain_grads, retain_grads)
+  norm_f = _vdot(forget_grads, forget_grads)
+  tiny = jnp.finfo(jnp.float32).tiny
+  coef = strength * jnp.minimum(dot, 0.0) / jnp.maximum(norm_r, tiny)
+  projected = jax.tree_util.tree_map(lambda f, r: f - (coef * r).astype(f.dtype), forget_grads,
+                                     retain_grads)
+  return projected, dot / jnp.sqrt(jnp.maximum(norm_r * norm_f, tiny))
 
 
 def _after(params, grads):
@@ -303,6 +331,7 @@ class ForgetMIMethod(UnlearningMethod):
             'loss_weights': {k: jnp.float32(v) for k, v in weights.items()},
             'retention_cap': {'ur': jnp.float32(NO_CAP), 'mr': jnp.float32(NO_CAP)},
             'forget_bound': {'uu': jnp.float32(NO_CAP), 'mu': jnp.float32(NO_CAP)},
+            'project_conflicts': jnp.float32(copy.cfg.get('project_conflicts', 0.0)),
             'target_index': jnp.int32(keys.index(self.target_key(copy)))}
 
   # -- data -------------------------------------------------------------------------------
