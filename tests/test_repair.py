@@ -90,8 +90,10 @@ def test_repair_group_checks_and_off_switch(prep):
   group.repair.epochs = 0
   assert repair.repair_group(group) is None
   assert repair.repair_group(prep.config.forgetmi_paper) is None  # the paper's: no repair
-  group.repair.epochs, group.repair.lr = 1, 0.0
-  with pytest.raises(ValueError, match='repair.lr'):
+  group.lr, group.repair.epochs, group.repair.lr_ratio = 1e-3, 1, 0.3
+  assert repair.repair_group(group).lr == pytest.approx(3e-4)  # tied to the push's lr
+  group.repair.lr_ratio = 0.0
+  with pytest.raises(ValueError, match='repair.lr_ratio'):
     repair.repair_group(group)
 
 

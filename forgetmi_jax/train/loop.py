@@ -586,7 +586,7 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
       ckpt.save(epoch, states, extra=extra)
       if old_best:
         shutil.rmtree(old_best, ignore_errors=True)  # the checkpoint now names the new one
-      postfix = {k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:5]}
+      postfix = {k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:6]}
       if track is not None:  # the copies still running: their best score so far
         running = [b for b, s in zip(track.best_score, track.since) if s < stopping.patience]
         postfix[f'best {stopping.key}'] = f'{min(track.best_score):.3f}'

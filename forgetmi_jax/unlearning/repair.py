@@ -10,7 +10,7 @@ it starts from:
   loss = CE(retain) + anchor * KL_T( pushed(x_f) || model(x_f) )
 
 CE and KL each summed over the image, text and joint heads, every module trained (the heads
-too: both terms live on the logits). An epoch pairs `retain_examples` retain images (0 = the
+too: both terms live on the logits), AdamW at `lr_ratio` x the push's learning rate. An epoch pairs `retain_examples` retain images (0 = the
 whole retain set) with the forget set, cycled. The pushed model's forget logits are computed
 once per copy (eval mode) and travel in the copy's hyperparameters, so stacked copies with
 different pushed models share one program. `setup.run_method` runs it after a method whose
@@ -36,7 +36,7 @@ def repair_group(method_cfg):
   repair = method_cfg.get('repair')
   if repair is None or int(repair.epochs) <= 0:
     return None
-  for key in ('lr', 'anchor', 'temperature'):
+  for key in ('lr_ratio', 'anchor', 'temperature'):
     if not float(repair[key]) > 0:
       raise ValueError(f'repair.{key}={repair[key]} must be > 0')
   share = float(repair.get('budget_share', 0.5))
@@ -46,7 +46,8 @@ def repair_group(method_cfg):
     raise ValueError(f'repair.retain_examples={repair.retain_examples} must be >= 0 '
                      '(0 = the whole retain set)')
   return ml_collections.ConfigDict({
-      'epochs': int(repair.epochs), 'lr': float(repair.lr),
+      # tied to the push's rate, so the tuning rule's lr trials set both (one trial each)
+      'epochs': int(repair.epochs), 'lr': float(method_cfg.lr) * float(repair.lr_ratio),
       'batch_size': int(method_cfg.batch_size), 'optimizer': 'adamw',
       'weight_decay': float(method_cfg.weight_decay),
       'adam_eps': float(method_cfg.get('adam_eps', 1e-6)),
