@@ -274,6 +274,7 @@ class ForgetMIMethod(UnlearningMethod):
     self.accumulate = bool(quirks.epoch_accumulation)
     self.cap = bool(quirks.retention_cap)
     self.num_draws = int(cfg.noise.num_draws)
+    self.projects = any(float(c.cfg.get('project_conflicts', 0.0)) > 0 for c in self.copies)
     self.cached = self._cachable()
     init_fusion = ctx.init_fusion if quirks.random_fusion_gates else None
     self.grads_fn = make_grads_fn(ctx.apply_fn, num_draws=self.num_draws,
@@ -331,8 +332,10 @@ class ForgetMIMethod(UnlearningMethod):
             'loss_weights': {k: jnp.float32(v) for k, v in weights.items()},
             'retention_cap': {'ur': jnp.float32(NO_CAP), 'mr': jnp.float32(NO_CAP)},
             'forget_bound': {'uu': jnp.float32(NO_CAP), 'mu': jnp.float32(NO_CAP)},
-            'project_conflicts': jnp.float32(copy.cfg.get('project_conflicts', 0.0)),
-            'target_index': jnp.int32(keys.index(self.target_key(copy)))}
+            'target_index': jnp.int32(keys.index(self.target_key(copy))),
+            # only when some copy projects: the paper's step computes no gradient products
+            **({'project_conflicts': jnp.float32(copy.cfg.get('project_conflicts', 0.0))}
+               if self.projects else {})}
 
   # -- data -------------------------------------------------------------------------------
   def seed_batches(self, epoch, seed):

@@ -10,8 +10,8 @@ it starts from:
   loss = CE(retain) + anchor * KL_T( pushed(x_f) || model(x_f) )
 
 CE and KL each summed over the image, text and joint heads, every module trained (the heads
-too: both terms live on the logits), AdamW at `lr_ratio` x the push's learning rate. An epoch pairs `retain_examples` retain images (0 = the
-whole retain set) with the forget set, cycled. The pushed model's forget logits are computed
+too: both terms live on the logits), AdamW at `lr_ratio` x the push's learning rate. An epoch
+pairs `retain_examples` retain images (0 = the whole retain set) with the forget set, cycled. The pushed model's forget logits are computed
 once per copy (eval mode) and travel in the copy's hyperparameters, so stacked copies with
 different pushed models share one program. `setup.run_method` runs it after a method whose
 group has `repair.epochs > 0`, under the same stopping rule.
