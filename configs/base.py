@@ -166,6 +166,11 @@ def build(arg):
   c.forgetmi.repair.anchor = 1.0  # weight of the forget-set KL to the pushed model
   c.forgetmi.repair.temperature = 1.0
   c.forgetmi.repair.budget_share = 0.5  # of forgetmi.budget, kept from the push for the repair
+  # Forget-MI+ only (beyond the paper; forgetmi_jax/unlearning/trunk.py): push and repair train
+  # the last k_image ResNet blocks, the last k_text BERT layers and what follows (pooler,
+  # fusion, heads); the frozen trunk before them (eval mode) runs once per run, not per step.
+  # -1 and -1: the whole model trains.
+  c.forgetmi.trunk = ml_collections.ConfigDict(dict(k_image=-1, k_text=-1))
 
   # ------------------------------------------------------- when every method stops (no oracle)
   c.stop = ml_collections.ConfigDict()

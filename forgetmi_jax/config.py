@@ -148,6 +148,10 @@ def validate(config):
   repair = config.forgetmi.get('repair')
   if repair is not None and not 0 <= float(repair.get('budget_share', 0.5)) < 1:
     errors.append(f'forgetmi.repair.budget_share={repair.budget_share} must be in [0, 1)')
+  trunk = config.forgetmi.get('trunk')
+  if trunk is not None and (int(trunk.k_image) < 0) != (int(trunk.k_text) < 0):
+    errors.append(f'forgetmi.trunk.k_image={trunk.k_image} and forgetmi.trunk.k_text='
+                  f'{trunk.k_text}: both >= 0 (a frozen trunk) or both -1 (none)')
   if int(config.stop.patience) < 1:
     errors.append(f'stop.patience={config.stop.patience} must be >= 1')
   if not 0 <= float(config.data.val_fraction) < 0.5:

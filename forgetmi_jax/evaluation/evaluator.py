@@ -5,7 +5,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from forgetmi_jax.data.pipeline import batches
-from forgetmi_jax.models.apply import forward
+from forgetmi_jax.models.apply import forward, model_inputs
 
 HEAD_FIELDS = {'image': 'logits_img', 'joint': 'logits_joint', 'text': 'logits_txt'}
 
@@ -35,7 +35,7 @@ def predict_logits(predict, variables, source, indices, batch_size, desc=None):
   it = batches(source, np.asarray(indices), batch_size, seed=None, pad_to_batch=True)
   for batch in tqdm(it, total=total, desc=desc, leave=False, disable=desc is None):
     logits = np.asarray(predict(variables['params'], variables['batch_stats'],
-                                {k: batch[k] for k in ('image', 'input_ids', 'attention_mask')}))
+                                model_inputs(batch)))
     real = np.asarray(batch['mask']) > 0
     outs.append(logits[real])
     ids.append(np.asarray(batch['id'])[real])

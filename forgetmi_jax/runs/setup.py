@@ -41,6 +41,8 @@ from forgetmi_jax.train.trainer import TrainMethod
 from forgetmi_jax.unlearning import registry
 from forgetmi_jax.unlearning.method import UnlearnContext
 from forgetmi_jax.unlearning.repair import RepairMethod, repair_group
+from forgetmi_jax.unlearning.trunk import Trunk, TrunkSource, cut_modules, trunk_group
+from forgetmi_jax.unlearning.trunk import compute_outputs as compute_trunk
 
 log = logging.getLogger('forgetmi_jax')
 # The split, not the data (a model's cache key holds its example ids instead).
@@ -323,13 +325,16 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
     raise ValueError(f'{name}: copies disagree on repair.epochs > 0')
   budget = example_budget(prep, name, copies)
   ctx = ctx or make_context(prep, name=name)
+  trunk = frozen_trunk(prep, original, name, copies)
+  if trunk is not None:  # every step, score and the repair read its outputs
+    ctx = dataclasses.replace(ctx, source=TrunkSource(ctx.source, trunk), trunk=trunk)
   method = registry.get(name)(ctx, copies)
   key, _ = run_fingerprint(prep, name, copies, loop_kwargs.get('time_budget_s'))
   ckpt_dir = os.path.join(ckpt_root or os.path.join(prep.workdir, 'checkpoints'), name, key)
   loop_kwargs.setdefault('tb_dir', os.path.join(prep.workdir, 'tensorboard', name, key))
   loop_kwargs.setdefault('chunk_size', int(prep.config.copies_per_program))
   if 'stopping' not in loop_kwargs:
-    loop_kwargs['stopping'] = stopping_rule(prep, original, name)
+    loop_kwargs['stopping'] = stopping_rule(prep, original, name, trunk)
   if budget is not None:  # the push leaves the repair its share
     share = float(repair_cfgs[0].budget_share) if repair_cfgs[0] is not None else 0.0
     loop_kwargs['example_budget'] = budget * (1.0 - share)
@@ -349,6 +354,8 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
       loop_kwargs['example_budget'] = budget - result.spent
     result = run_repair(prep, original, name, ctx, copies, result, repair_cfgs, ckpt_dir,
                         loop_kwargs)
+  if trunk is not None:  # its outputs were computed for this run: part of its cost
+    result.seconds += trunk.seconds
   if budget is not None:
     log.info('%s: %.0f of its budget of %.0f trained examples per copy (%.3f of retraining\'s '
              '%d)', name, result.spent, budget, result.spent / retrain_examples(prep),
@@ -363,6 +370,28 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
     write_json_atomic({'seconds': result.seconds, 'fingerprint': key,
                        'examples_per_copy': result.spent}, done)
   return result
+
+
+def frozen_trunk(prep: Prepared, original, name, copies):
+  """The frozen trunk of the copies' `trunk` group (unlearning/trunk.py), its outputs on the
+  forget, retain and validation images computed once from `original`; None when off."""
+  ks = {trunk_group(c.cfg) for c in copies}
+  if len(ks) > 1:
+    raise ValueError(f'{name}: copies disagree on trunk ({sorted(map(str, ks))})')
+  k = ks.pop()
+  if k is None:
+    return None
+  t0 = time.time()
+  cut = cut_modules(original['params'], *k)
+  split = prep.split
+  rows = np.unique(np.concatenate([split.forget_idx, split.retain_idx, split.val_idx]))
+  outputs = compute_trunk(prep.model.apply, original, prep.source, rows, cut,
+                          int(prep.config.eval.batch_size), desc=f'trunk {name}')
+  trunk = Trunk(*k, cut, outputs)
+  trunk.seconds = time.time() - t0
+  log.info('%s: frozen trunk up to %s, outputs on %d images in %.1fs', name, ', '.join(cut),
+           len(rows), trunk.seconds)
+  return trunk
 
 
 def retrain_examples(prep: Prepared) -> int:
@@ -442,25 +471,27 @@ def epochs_run(stop: dict) -> int:
   return stop['epochs_scored'] - (2 if 'repair_epoch' in stop else 1)
 
 
-def stopping_rule(prep: Prepared, original, name):
+def stopping_rule(prep: Prepared, original, name, trunk=None):
   """`config.stop`: every method ends at the epoch whose validation gap (forget vs validation
-  non-members, evaluation/validation.py) is lowest, or runs its epochs ('none')."""
+  non-members, evaluation/validation.py) is lowest, or runs its epochs ('none'). With a
+  frozen `trunk` the scores read its cached outputs (the same numbers, a fraction of the cost)."""
   rule = prep.config.stop
   if rule.rule == 'none' or config_lib.method_config(prep.config, name).get('fixed_schedule'):
     return None
   if len(prep.split.val_idx) == 0:
     raise ValueError('stop.rule=validation needs validation non-members, and this split has '
                      'none (data.val_fraction=0, or a forget request): set --config.stop.rule=none')
-  monitor = validation_monitor(prep, original)
+  monitor = validation_monitor(prep, original, trunk)
   done = (lambda scores: monitor.at_chance(scores, float(rule.z))) if rule.at_chance else None
   return loop.Stopping(monitor, patience=int(rule.patience), min_delta=float(rule.min_delta),
                        done_fn=done, score_rows=monitor.rows)
 
 
-def validation_monitor(prep: Prepared, original):
+def validation_monitor(prep: Prepared, original, trunk=None):
   """The validation gap of variables (forget vs validation non-members, against `original`)."""
   config = prep.config
-  monitor = ValidationMonitor(prep.model.apply, prep.source, prep.split, prep.cohort.labels,
+  source = prep.source if trunk is None else TrunkSource(prep.source, trunk)
+  monitor = ValidationMonitor(prep.model.apply, source, prep.split, prep.cohort.labels,
                               head=config.eval.head, batch_size=int(config.eval.batch_size),
                               attack=config.stop.attack,
                               retain_images=int(config.stop.retain_images),

@@ -20,7 +20,7 @@ from forgetmi_jax.data.pipeline import target_batches
 from forgetmi_jax.models.apply import forward, model_inputs
 from forgetmi_jax.train.losses import distance, masked_mean
 from forgetmi_jax.train.optim import HEAD_NAMES
-from forgetmi_jax.unlearning.method import UnlearningMethod
+from forgetmi_jax.unlearning.method import UnlearningMethod, keep_frozen_stats
 
 TERMS = ('ur', 'uu', 'mu', 'mr')
 NO_CAP = 1e30  # a retention cap that never binds (REFERENCE 8.3 is opt-in)
@@ -434,6 +434,8 @@ class ForgetMIMethod(UnlearningMethod):
   # -- the step ---------------------------------------------------------------------------
   def step(self, state, original, batch, rng, hparams):
     grads, stats, metrics = self.grads_fn(state, original, batch, rng, hparams)
+    # a frozen trunk keeps the original's BatchNorm statistics (XLA then drops its forward)
+    stats = keep_frozen_stats(state.batch_stats, stats, self.trainable(state.batch_stats))
     if self.accumulate:  # REFERENCE 8.2: sum the epoch's gradients, step in end_epoch
       return state.accumulate(grads, batch_stats=stats), metrics
     return state.apply_gradients(grads, batch_stats=stats), metrics

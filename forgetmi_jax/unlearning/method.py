@@ -32,6 +32,7 @@ class UnlearnContext:
   init_params: Callable | None = None  # key -> fresh params (EU-k)
   init_fusion: Callable | None = None  # key -> fresh fusion params, traceable (REFERENCE 8.1)
   text_buckets: Any = None  # each step's text cut to one of these lengths (data/trim.py)
+  trunk: Any = None  # unlearning/trunk.Trunk: only the top trains; `source` carries its outputs
 
   @property
   def apply_fn(self):
@@ -56,8 +57,9 @@ class UnlearningMethod(Method):
 
   # -- the optimiser and the start ------------------------------------------------------------
   def trainable(self, tree):
-    """Bool mask of the leaves this method trains; None = all of them."""
-    return None
+    """Bool mask of the leaves this method trains; None = all of them (with a frozen trunk,
+    the leaves after it)."""
+    return self.ctx.trunk.trainable(tree) if self.ctx.trunk is not None else None
 
   def frozen_mask(self, params):
     return optim.freeze_mask(params, self.frozen_modules, self.trainable)
