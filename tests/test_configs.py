@@ -73,5 +73,5 @@ def test_a_bad_budget_is_named_before_any_work(tmp_path):
     config_lib.validate(tiny_config(tmp_path, **{'forgetmi.project_conflicts': 1.5}))
   with pytest.raises(ValueError, match=r'forgetmi\.trunk\.k_image=2 and forgetmi\.trunk\.k_text=-1'):
     config_lib.validate(tiny_config(tmp_path, **{'forgetmi.trunk.k_image': 2}))
-  config_lib.validate(tiny_config(tmp_path, **{'forgetmi.trunk.k_image': 2,
-                                               'forgetmi.trunk.k_text': 1}))
+  config_lib.resolve(tiny_config(tmp_path, **{'forgetmi.trunk.k_image': 2,
+                                              'forgetmi.trunk.k_text': 1}))
