@@ -63,26 +63,30 @@ class Trunk:
     return last_k_mask(tree, self.k_image, self.k_text)
 
 
-def compute_outputs(apply_fn, variables, source, indices, cut, batch_size=128, desc=None):
-  """Eval-mode outputs of the modules `cut` on images `indices`: {path: [len(source), ...]}
-  (text activations at the source's full length; padded positions are masked downstream)."""
-  filt = lambda module, method: (method == '__call__'  # noqa: E731
-                                 and '/'.join(module.path) in cut)
+def outputs_fn(apply_fn, cut):
+  """A jitted (params, batch_stats, inputs) -> {path: eval-mode output of module `path`}."""
+  capture = lambda module, method: (method == '__call__'  # noqa: E731
+                                    and '/'.join(module.path) in cut)
 
   @jax.jit
-  def run(params, batch_stats, batch):
-    _, state = apply_fn({'params': params, 'batch_stats': batch_stats}, batch['image'],
-                        batch['input_ids'], batch['attention_mask'], train=False,
-                        capture_intermediates=filt, mutable=['intermediates'])
-    inter = state['intermediates']
+  def run(params, batch_stats, inputs):
+    _, state = apply_fn({'params': params, 'batch_stats': batch_stats}, inputs['image'],
+                        inputs['input_ids'], inputs['attention_mask'], train=False,
+                        capture_intermediates=capture, mutable=['intermediates'])
     out = {}
     for path in cut:
-      node = inter
+      node = state['intermediates']
       for name in path.split('/'):
         node = node[name]
       out[path] = node['__call__'][0]
     return out
+  return run
 
+
+def compute_outputs(apply_fn, variables, source, indices, cut, batch_size=128, desc=None):
+  """Eval-mode outputs of the modules `cut` on images `indices`: {path: [len(source), ...]}
+  (text activations at the source's full length; padded positions are masked downstream)."""
+  run = outputs_fn(apply_fn, cut)
   indices = np.asarray(indices, np.int64)
   outputs = None
   total = -(-len(indices) // batch_size)
