@@ -12,7 +12,7 @@ ENCODERS = ('image_encoder', 'text_encoder')
 # BERT pooler, an image projection) runs after the last block and counts as downstream.
 _BLOCK_RE = {'image_encoder': re.compile(r'^stage(\d+)_block(\d+)$'),
              'text_encoder': re.compile(r'^layer_(\d+)$')}
-_BEFORE_BLOCKS = {'image_encoder': ('stem_conv', 'stem_bn'), 'text_encoder': ('embeddings',)}
+BEFORE_BLOCKS = {'image_encoder': ('stem_conv', 'stem_bn'), 'text_encoder': ('embeddings',)}
 
 
 def encoder_blocks(tree, encoder):
@@ -58,7 +58,7 @@ def last_k_mask(tree, k_image, k_text):
     for n in names[1:]:
       if _BLOCK_RE[top].match(n):
         return n in chosen[top]
-      if n in _BEFORE_BLOCKS[top]:
+      if n in BEFORE_BLOCKS[top]:
         return False
     return True  # after the blocks: pooler / projection
   return jax.tree_util.tree_map_with_path(leaf, tree)

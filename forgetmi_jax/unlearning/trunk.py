@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from forgetmi_jax.data.pipeline import batches
 from forgetmi_jax.models.apply import TRUNK_KEY, model_inputs
-from forgetmi_jax.unlearning.blocks import _BEFORE_BLOCKS, ENCODERS, encoder_blocks, last_k_mask
+from forgetmi_jax.unlearning.blocks import BEFORE_BLOCKS, ENCODERS, encoder_blocks, last_k_mask
 
 
 def trunk_group(method_cfg):
@@ -37,15 +37,15 @@ def trunk_group(method_cfg):
 
 
 def cut_modules(params, k_image, k_text):
-  """{'<encoder>/<module>': ...} keys of the last frozen module of each encoder: the block
-  before its last k (or the module before its first block when k covers them all)."""
+  """('<encoder>/<module>', ...): the last frozen module of each encoder, the block before its
+  last k (or the module before its first block when k covers them all)."""
   cut = []
   for encoder, k in zip(ENCODERS, (k_image, k_text)):
     blocks = encoder_blocks(params, encoder)
     if not blocks:
       raise ValueError(f'trunk: no blocks found in {encoder}')
     frozen = blocks[:max(len(blocks) - int(k), 0)]
-    cut.append(f'{encoder}/{frozen[-1] if frozen else _BEFORE_BLOCKS[encoder][-1]}')
+    cut.append(f'{encoder}/{frozen[-1] if frozen else BEFORE_BLOCKS[encoder][-1]}')
   return tuple(cut)
 
 
