@@ -74,7 +74,7 @@ def measure(model, variables, size, tokens, cut_k, batch, steps):
     step_inputs = dict(step_inputs, trunk=run(variables['params'], variables['batch_stats'],
                                               step_inputs))
     eval_inputs = dict(eval_inputs, trunk=run(*args))
-    holder = trunk_lib.Trunk(*cut_k, cut, {})
+    holder = trunk_lib.Trunk(*cut_k, cut, {}, None)
     trainable = holder.trainable(variables['params'])
     stats_trainable = holder.trainable(variables['batch_stats'])
 

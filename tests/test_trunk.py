@@ -24,9 +24,9 @@ def prep(tmp_path_factory):
 def _trunk(prep, variables, k_image, k_text, rows=None):
   cut = trunk_lib.cut_modules(variables['params'], k_image, k_text)
   rows = np.arange(len(prep.source)) if rows is None else rows
-  outputs = trunk_lib.compute_outputs(prep.model.apply, variables, prep.source, rows, cut,
-                                      batch_size=8)
-  return trunk_lib.Trunk(k_image, k_text, cut, outputs)
+  outputs, row = trunk_lib.compute_outputs(prep.model.apply, variables, prep.source, rows,
+                                           cut, batch_size=8)
+  return trunk_lib.Trunk(k_image, k_text, cut, outputs, row)
 
 
 def test_cut_names_the_last_frozen_module(prep):
@@ -87,9 +87,13 @@ def test_trunk_source_cuts_text_to_the_batch(prep):
   text = next(p for p in trunk.cut if p.startswith('text_encoder'))
   image = next(p for p in trunk.cut if p.startswith('image_encoder'))
   assert batch['trunk'][text].shape[:2] == (8, 16)
-  np.testing.assert_array_equal(batch['trunk'][text][:5], trunk.outputs[text][rows, :16])
-  np.testing.assert_array_equal(batch['trunk'][image][5:], trunk.outputs[image][[rows[0]] * 3])
+  assert trunk.outputs[text].shape[0] == len(rows)  # only the images asked for are stored
+  np.testing.assert_array_equal(batch['trunk'][text][:5], trunk.outputs[text][:, :16])
+  np.testing.assert_array_equal(batch['trunk'][image][5:], trunk.outputs[image][[0] * 3])
   assert len(source) == len(prep.source) and source.max_len == prep.source.max_len
+  other = np.setdiff1d(np.arange(len(prep.source)), rows)[:2]
+  with pytest.raises(ValueError, match='no cached outputs for images'):
+    source.get_batch(other)
 
 
 def test_run_trains_only_the_top(prep, tmp_path):

@@ -385,9 +385,9 @@ def frozen_trunk(prep: Prepared, original, name, copies):
   cut = cut_modules(original['params'], *k)
   split = prep.split
   rows = np.unique(np.concatenate([split.forget_idx, split.retain_idx, split.val_idx]))
-  outputs = compute_trunk(prep.model.apply, original, prep.source, rows, cut,
-                          int(prep.config.eval.batch_size), desc=f'trunk {name}')
-  trunk = Trunk(*k, cut, outputs)
+  outputs, row = compute_trunk(prep.model.apply, original, prep.source, rows, cut,
+                               int(prep.config.eval.batch_size), desc=f'trunk {name}')
+  trunk = Trunk(*k, cut, outputs, row)
   trunk.seconds = time.time() - t0
   log.info('%s: frozen trunk up to %s, outputs on %d images in %.1fs', name, ', '.join(cut),
            len(rows), trunk.seconds)

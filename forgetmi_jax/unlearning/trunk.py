@@ -55,7 +55,8 @@ class Trunk:
   k_image: int
   k_text: int
   cut: tuple  # module paths whose outputs are cached
-  outputs: dict  # path -> [len(source), ...] (rows outside the computed indices are zeros)
+  outputs: dict  # path -> [n computed images, ...]
+  row: np.ndarray  # [len(source)]: an image's row in `outputs`, -1 where none was computed
   seconds: float = 0.0
 
   def trainable(self, tree):
@@ -84,10 +85,14 @@ def outputs_fn(apply_fn, cut):
 
 
 def compute_outputs(apply_fn, variables, source, indices, cut, batch_size=128, desc=None):
-  """Eval-mode outputs of the modules `cut` on images `indices`: {path: [len(source), ...]}
-  (text activations at the source's full length; padded positions are masked downstream)."""
+  """(outputs, row): eval-mode outputs of the modules `cut` on images `indices`, {path:
+  [len(indices), ...]} in the order of `indices` (text activations at the source's full length;
+  padded positions are masked downstream), and each source image's row in them (-1: none).
+  Only the images asked for are stored: the cached text activations are the large part."""
   run = outputs_fn(apply_fn, cut)
   indices = np.asarray(indices, np.int64)
+  row = np.full(len(source), -1, np.int64)
+  row[indices] = np.arange(len(indices))
   outputs = None
   total = -(-len(indices) // batch_size)
   it = batches(source, indices, batch_size, seed=None, pad_to_batch=True)
@@ -95,12 +100,12 @@ def compute_outputs(apply_fn, variables, source, indices, cut, batch_size=128, d
     got = jax.device_get(run(variables['params'], variables['batch_stats'],
                              model_inputs(batch)))
     if outputs is None:
-      outputs = {p: np.zeros((len(source),) + v.shape[1:], v.dtype) for p, v in got.items()}
+      outputs = {p: np.zeros((len(indices),) + v.shape[1:], v.dtype) for p, v in got.items()}
     real = np.asarray(batch['mask']) > 0
-    ids = np.asarray(batch['id'])[real]
+    rows = row[np.asarray(batch['id'])[real]]
     for p, v in got.items():
-      outputs[p][ids] = v[real]
-  return outputs
+      outputs[p][rows] = v[real]
+  return outputs, row
 
 
 class TrunkSource:
@@ -120,7 +125,11 @@ class TrunkSource:
 
   def get_batch(self, idx, pad_to=None, text_len=None):
     batch = self.source.get_batch(idx, pad_to=pad_to, text_len=text_len)
-    rows = np.asarray(batch['id'])
+    ids = np.asarray(batch['id'])
+    rows = self.trunk.row[ids]
+    if np.any(rows < 0):
+      raise ValueError(f'frozen trunk: no cached outputs for images {sorted(set(ids[rows < 0]))[:10]}'
+                       ' (computed for the forget, retain and validation images only)')
     length = batch['input_ids'].shape[1]
     batch[TRUNK_KEY] = {p: (v[rows, :length] if p.startswith('text_encoder') else v[rows])
                         for p, v in self.trunk.outputs.items()}
