@@ -145,6 +145,54 @@ def test_tuning_selects_from_the_grid_and_reruns_reuse(smoke_run):
   assert os.path.exists(root / 'tuned' / 'comparison.md')
 
 
+def test_tuning_over_seeds_averages_each_trials_gap(smoke_run, monkeypatch):
+  """compare.tune_seeds=0: every lr runs on every seed (one stacked program, lr-major), and a
+  trial's validation gap is the mean of its seeds' gaps; the rule selects on that mean."""
+  root, _ = smoke_run
+  config = compare_10pct.get_config('smoke')
+  with config.unlocked():
+    config.workdir = str(root / 'tune_seeds')
+    config.cache_dir = str(root / 'cache')
+    config.num_seeds = 2
+    config.compare.tune_seeds = 0
+    config.compare.lr_factors = (0.1, 10.0)
+  runs = []
+  real = compare.run_or_reuse
+
+  def spy(prep, original, name, tag, *a, copies=None, **k):
+    runs.append([(c.seed, float(c.cfg.lr)) for c in copies])
+    return real(prep, original, name, tag, *a, copies=copies, **k)
+  monkeypatch.setattr(compare, 'run_or_reuse', spy)
+  prep = setup.prepare(config, 'tune_seeds')
+  (original,), _ = setup.train_or_load(prep, 'original')
+  t = compare.tune(prep, original, 'cf_k', config.compare)
+  lo, hi = (float(config.cf_k.lr) * f for f in (0.1, 10.0))
+  assert runs == [[(0, pytest.approx(lo)), (1, pytest.approx(lo)), (0, pytest.approx(hi)),
+                   (1, pytest.approx(hi))]]
+  assert t['seeds'] == [0, 1]
+  for r in t['records']:
+    assert len(r['val_gaps']) == 2 and len(r['stop_epoch']) == 2
+    assert r['val_gap'] == pytest.approx((r['val_gaps'][0] + r['val_gaps'][1]) / 2)
+  assert t['selected_lr'] == compare.select(t['records'], config.compare.gap_tolerance)['lr']
+  # The seeds' gaps differ (their data orders and dropout do), so the mean is not seed 0's.
+  assert any(r['val_gaps'][0] != r['val_gaps'][1] for r in t['records'])
+  with config.unlocked():
+    config.compare.tune_seeds = 3
+  with pytest.raises(ValueError, match='compare.tune_seeds'):
+    compare.tuning_seeds(config)
+
+
+def test_mean_record_marks_a_diverged_seed():
+  a = {'val_gap': 0.1, 'epochs_run': 2, 'stop_epoch': 1,
+       **{k: 0.5 for k in compare.TRIAL_SCORES}}
+  b = dict(a, val_gap=None, epochs_run=4, stop_epoch=3)
+  assert compare.mean_record([a]) == a
+  m = compare.mean_record([a, b])
+  assert m['val_gap'] is None and m['epochs_run'] == 3.0 and m['stop_epoch'] == [1, 3]
+  assert m['val_gaps'] == [0.1, None]
+  assert compare.select([{'lr': 1.0, **m}, {'lr': 2.0, **a}])['lr'] == 2.0
+
+
 def test_tuning_reads_no_test_label_and_no_retrained_model(smoke_run, monkeypatch):
   """The rule's choices (lr, stopping epochs, scores) are unchanged when every test label is
   shuffled and no retrained model exists (loading one raises)."""

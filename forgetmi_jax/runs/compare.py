@@ -9,8 +9,9 @@ One tuning rule for every method (`config.compare`), none of it reading the test
 retrained model (`select_settings` is never given either; a test checks that shuffling the
 test labels and removing the retrained models changes no choice):
 - each method runs once per learning rate in `lr_factors` x its preset lr (the same number of
-  trials for all), as stacked copies on seed `config.seed`, with the shared stopping rule
-  (`config.stop`: each copy ends at its epoch of lowest validation gap);
+  trials for all), as stacked copies on the first `tune_seeds` seeds (default 1: seed
+  `config.seed`; 0 = every seed, a trial's gap then its mean over them), with the shared
+  stopping rule (`config.stop`: each copy ends at its epoch of lowest validation gap);
 - the selected lr has the lowest validation gap (evaluation/validation.py: forget patients
   against validation non-members held out of the original's training); trials within
   `gap_tolerance` of the lowest (the gap's sampling noise) count as equal and the one that
@@ -97,41 +98,79 @@ def run_or_reuse(prep, original, name, tag, seeds=None, copies=None, time_budget
   return ([s.variables for s in result.states], [share] * len(copies), result.histories, stops)
 
 
+def tuning_seeds(config):
+  """The seeds the lr trials run on: the first `compare.tune_seeds` of the run's (0 = all)."""
+  seeds = config_lib.seeds(config)
+  k = config.compare.get('tune_seeds', 1)
+  if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(seeds):
+    raise ValueError(f'compare.tune_seeds must be an int in 0..num_seeds ({len(seeds)}), '
+                     f'got {k!r}')
+  return seeds[:k] if k else seeds
+
+
+def trial_record(prep, original, name, variables, stop, monitor=None):
+  """One trial copy's validation scores at its stopping epoch ({key: value}, monitor)."""
+  if stop is None:  # stop.rule = none: score where the schedule ended
+    monitor = monitor or setup.validation_monitor(prep, original)
+    scores, epoch = monitor(variables), None
+    epochs_run = int(method_config(prep.config, name).epochs)
+  else:
+    scores = setup.best_scores(stop)
+    epoch, epochs_run = stop['best_epoch'], setup.epochs_run(stop)
+  record = {'val_gap': _finite(scores.get('val_gap')), 'stop_epoch': epoch,
+            'epochs_run': epochs_run,
+            **{k: _finite(scores.get(k)) for k in TRIAL_SCORES}}
+  return record, monitor
+
+
+TRIAL_SCORES = ('member_auc', 'svc_forget', 'retain_acc', 'forget_f1', 'forget_auc', 'val_f1',
+                'val_auc')
+
+
+def mean_record(per_seed):
+  """A trial's record over its seeds: the mean of each score (None if any seed's is: a
+  diverged seed makes the trial diverged), epochs and stopping epochs as lists."""
+  if len(per_seed) == 1:
+    return dict(per_seed[0])
+  out = {}
+  for key in ('val_gap', 'epochs_run') + TRIAL_SCORES:
+    values = [r[key] for r in per_seed]
+    out[key] = None if any(v is None for v in values) else float(np.mean(values))
+  out['stop_epoch'] = [r['stop_epoch'] for r in per_seed]
+  out['val_gaps'] = [r['val_gap'] for r in per_seed]
+  return out
+
+
 def tune(prep, original, name, cc, time_budget_s=None):
-  """The lr grid as stacked copies on the config's seed; returns the selection record."""
+  """The lr grid as stacked copies on the tuning seeds (`tuning_seeds`); a trial's validation
+  gap is its mean over them. Returns the selection record."""
   preset = float(method_config(prep.config, name).lr)
   grid = lr_grid(preset, cc.lr_factors)
+  seeds = tuning_seeds(prep.config)
   group = method_config(prep.config, name)
   cfgs = []
   for lr in grid:
     cfg = copy.deepcopy(group)
     with cfg.unlocked():
       cfg.lr = float(lr)
-    cfgs.append(cfg)
-  copies = setup.copies_of(prep.config, name, [prep.config.seed] * len(grid), cfgs)
+    cfgs.extend([cfg] * len(seeds))
+  copies = setup.copies_of(prep.config, name, seeds * len(grid), cfgs)
   variables, seconds, _, stops = run_or_reuse(prep, original, name, 'tune', copies=copies,
                                               time_budget_s=time_budget_s)
   monitor = None
   records = []
-  for lr, v, sec, stop in zip(grid, variables, seconds, stops):
-    if stop is None:  # stop.rule = none: score where the schedule ended
-      monitor = monitor or setup.validation_monitor(prep, original)
-      scores, epoch = monitor(v), None
-      epochs_run = int(method_config(prep.config, name).epochs)
-    else:
-      scores = setup.best_scores(stop)
-      epoch, epochs_run = stop['best_epoch'], setup.epochs_run(stop)
-    records.append({'lr': lr, 'val_gap': _finite(scores.get('val_gap')), 'stop_epoch': epoch,
-                    'epochs_run': epochs_run,
-                    **{k: _finite(scores.get(k)) for k in ('member_auc', 'svc_forget',
-                                                          'retain_acc', 'forget_f1',
-                                                          'forget_auc', 'val_f1', 'val_auc')},
-                    'seconds': sec})
-    log.info('tune %s lr=%g: validation gap %s at epoch %s', name, lr,
-             records[-1]['val_gap'], epoch)
+  for i, lr in enumerate(grid):
+    per_seed = []
+    for j in range(i * len(seeds), (i + 1) * len(seeds)):
+      record, monitor = trial_record(prep, original, name, variables[j], stops[j], monitor)
+      per_seed.append(record)
+    records.append({'lr': lr, **mean_record(per_seed),
+                    'seconds': float(sum(seconds[i * len(seeds):(i + 1) * len(seeds)]))})
+    log.info('tune %s lr=%g: validation gap %s (over seeds %s) at epoch %s', name, lr,
+             records[-1]['val_gap'], seeds, records[-1]['stop_epoch'])
   best = select(records, cc.gap_tolerance)
   return {'preset_lr': preset, 'selected_lr': best['lr'], 'records': records,
-          'validation_images': int(len(prep.split.val_idx)),
+          'seeds': seeds, 'validation_images': int(len(prep.split.val_idx)),
           'seconds': float(sum(r['seconds'] for r in records))}
 
 
@@ -167,6 +206,7 @@ def run_comparison(config, config_name='compare'):
   if unknown:
     raise ValueError(f'compare.methods has unknown names {unknown} (known: {registry.names()})')
   seeds = config_lib.seeds(config)
+  tuning_seeds(config)  # a bad compare.tune_seeds fails before any training
   (original,), t_orig = setup.train_or_load(prep, 'original')
   retrains, t_retrain = setup.train_or_load(prep, 'retrain', seeds=seeds)
   states, seconds = {'original': [original], 'retrain': retrains}, {'original': t_orig,
@@ -216,6 +256,7 @@ def run_comparison(config, config_name='compare'):
       'summary': {k: summary[k] for k in names},
       'tuning': {'enabled': bool(cc.tune), 'criterion': CRITERION,
                  'lr_factors': [float(f) for f in cc.lr_factors],
+                 'seeds': tuning_seeds(config),
                  'val_fraction': float(config.data.val_fraction), 'methods': tuning},
       'stopping': {'rule': config.stop.to_dict(), 'methods': stops},
       'equal_time': {'enabled': budget is not None, 'seconds_per_copy': budget},
@@ -279,7 +320,8 @@ def build_markdown(payload):
   parts.append('## Learning-rate selection')
   if tuning.get('enabled'):
     parts.append(f"Rule: {tuning['criterion']}. Grid = preset lr x {tuning['lr_factors']}, "
-                 'every method, as stacked copies on the first seed; validation non-members: '
+                 f"every method, as stacked copies on seed(s) {tuning.get('seeds', [0])} (a "
+                 "trial's validation gap: its mean over them); validation non-members: "
                  f"~{100 * tuning['val_fraction']:.0f} % of all images, held out of the "
                  'original and retrained models. The final runs use the selected lr on every '
                  'seed. No choice reads the test set or a retrained model.')
