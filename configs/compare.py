@@ -5,8 +5,9 @@ python experiments/compare.py --config configs/compare.py:pct=3 --config.compare
 
 Tuning budget (forgetmi_jax/runs/compare.py): every method except the paper's Forget-MI
 (which runs as the paper gives it) tries its preset lr times each of `lr_factors`, stopped by
-`config.stop`, and keeps the lr of lowest validation gap (forget patients vs validation
-non-members, `data.val_fraction`); then the final runs at that lr on every seed. ':smoke'
+`config.stop`, on the first `tune_seeds` seeds, and keeps the lr of lowest (mean) validation
+gap (forget patients vs validation non-members, `data.val_fraction`); then the final runs at
+that lr on every seed. ':smoke'
 shrinks data, model and schedules (1-2 epochs each) and turns tuning off.
 """
 import ml_collections
