@@ -108,6 +108,11 @@ def tuning_seeds(config):
   return seeds[:k] if k else seeds
 
 
+# The validation scores a tuning record keeps beside its gap (evaluation/validation.py).
+TRIAL_SCORES = ('member_auc', 'svc_forget', 'retain_acc', 'forget_f1', 'forget_auc', 'val_f1',
+                'val_auc')
+
+
 def trial_record(prep, original, name, variables, stop, monitor=None):
   """One trial copy's validation scores at its stopping epoch ({key: value}, monitor)."""
   if stop is None:  # stop.rule = none: score where the schedule ended
@@ -121,10 +126,6 @@ def trial_record(prep, original, name, variables, stop, monitor=None):
             'epochs_run': epochs_run,
             **{k: _finite(scores.get(k)) for k in TRIAL_SCORES}}
   return record, monitor
-
-
-TRIAL_SCORES = ('member_auc', 'svc_forget', 'retain_acc', 'forget_f1', 'forget_auc', 'val_f1',
-                'val_auc')
 
 
 def mean_record(per_seed):
