@@ -207,7 +207,7 @@ def run_comparison(config, config_name='compare'):
   if unknown:
     raise ValueError(f'compare.methods has unknown names {unknown} (known: {registry.names()})')
   seeds = config_lib.seeds(config)
-  tuning_seeds(config)  # a bad compare.tune_seeds fails before any training
+  tune_seeds = tuning_seeds(config)  # a bad compare.tune_seeds fails before any training
   (original,), t_orig = setup.train_or_load(prep, 'original')
   retrains, t_retrain = setup.train_or_load(prep, 'retrain', seeds=seeds)
   states, seconds = {'original': [original], 'retrain': retrains}, {'original': t_orig,
@@ -257,7 +257,7 @@ def run_comparison(config, config_name='compare'):
       'summary': {k: summary[k] for k in names},
       'tuning': {'enabled': bool(cc.tune), 'criterion': CRITERION,
                  'lr_factors': [float(f) for f in cc.lr_factors],
-                 'seeds': tuning_seeds(config),
+                 'seeds': tune_seeds,
                  'val_fraction': float(config.data.val_fraction), 'methods': tuning},
       'stopping': {'rule': config.stop.to_dict(), 'methods': stops},
       'equal_time': {'enabled': budget is not None, 'seconds_per_copy': budget},
