@@ -26,6 +26,10 @@ def build(arg):
   c.forget_fraction = 0.10
   c.workdir = ''  # default: runs/<config name>
   c.cache_dir = ''  # default: <workdir>/../cache, shared by runs (original, retrained models)
+  # XLA's compiled programs, kept on disk so a rerun (another forget request, seed or grid
+  # point with the same shapes) does not compile them again: '' = <cache_dir>/xla, 'none' =
+  # off. Taken once per process; a directory already set (JAX_COMPILATION_CACHE_DIR) wins.
+  c.compile_cache_dir = ''
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()

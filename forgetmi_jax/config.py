@@ -38,7 +38,8 @@ _CHOICES = {
     'data.placement': ('auto', 'host', 'device'),
 }
 # Keys that say where things go, not what is computed: left out of every fingerprint.
-_NOT_RESULT_KEYS = ('workdir', 'cache_dir', 'data.data_dir', 'data.placement')
+_NOT_RESULT_KEYS = ('workdir', 'cache_dir', 'compile_cache_dir', 'data.data_dir',
+                    'data.placement')
 
 
 def parse_arg(arg, **spec):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src import compilation_cache
 
 from forgetmi_jax.models.apply import forward, model_inputs
 from forgetmi_jax.runs import setup
@@ -171,3 +172,40 @@ def test_budget_caps_push_and_repair_together(prep, tmp_path):
   config.forgetmi.budget = -1.0
   with pytest.raises(ValueError, match='forgetmi.budget=-1.0'):
     setup.run_method(p, original, 'forgetmi', ckpt_root=str(tmp_path / 'b'))
+
+
+def test_cached_programs_hold_no_patient_image(prep, tmp_path):
+  """The compile cache (`config.compile_cache_dir`) keeps code: after a push and a repair
+  (steps, scores, the pushed logits) no compiled program in it holds the pixels of a forget or
+  retain image (data and weights are arguments), which a scan would see (the probe)."""
+  cache_dir = jax.config.jax_compilation_cache_dir
+  if not cache_dir:
+    pytest.skip('the suite runs without a compile cache (conftest sets one)')
+  setup.run_method(prep, prep.init_variables(0), 'forgetmi', ckpt_root=str(tmp_path / 'ck'))
+  rows = np.concatenate([prep.split.forget_idx, prep.split.retain_idx])
+  images = np.asarray(prep.cohort.get_images(rows), np.float32)
+  middle = images.shape[1] // 2
+  needles = {images[i, middle].tobytes() for i in range(len(images))}  # one row per image
+  assert all(len(n) >= 64 for n in needles)
+  scanned = 0
+  for name in os.listdir(cache_dir):
+    if not name.endswith('-cache') or name.startswith('jit_image_constant_probe'):
+      continue
+    try:
+      with open(os.path.join(cache_dir, name), 'rb') as f:
+        program = compilation_cache.decompress_executable(f.read())
+    except Exception:  # noqa: BLE001 (another test process may be writing it)
+      continue
+    scanned += 1
+    assert not any(n in program for n in needles), f'{name} holds an image row'
+  assert scanned >= 5
+  # the scan would see an image compiled in as a constant (this probe's own entry, skipped above)
+  def image_constant_probe(x):
+    return x + jax.numpy.asarray(images[0])
+  jax.jit(image_constant_probe).lower(np.zeros_like(images[0])).compile()
+  found = False
+  for name in os.listdir(cache_dir):
+    if name.startswith('jit_image_constant_probe') and name.endswith('-cache'):
+      with open(os.path.join(cache_dir, name), 'rb') as f:
+        found |= images[0, middle].tobytes() in compilation_cache.decompress_executable(f.read())
+  assert found

@@ -142,6 +142,7 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
     config.workdir, config.cache_dir = workdir, cache_dir
   for key, path in (('workdir', workdir), ('cache_dir', cache_dir)):
     _check_writable(key, path)
+  use_compile_cache(config.get('compile_cache_dir', ''), cache_dir)
   t0 = time.time()
   cohort = build_cohort(config, cache_dir)
   key = data_key(config, cohort)
@@ -174,6 +175,32 @@ def prepare(config, config_name='run', make_split=None) -> Prepared:
   return Prepared(config, cohort, split, tokenizer, source, model, parallel.make_mesh(), key,
                   workdir, cache_dir, fresh_variables,
                   make_train_source(source, config.data.placement))
+
+
+def use_compile_cache(setting, cache_dir):
+  """Keep XLA's compiled programs in a directory (`config.compile_cache_dir`: '' =
+  `<cache_dir>/xla`, 'none' = off), so a rerun with the same shapes loads them instead of
+  compiling. Returns the directory in use, or None.
+
+  Process-wide (a jax setting, fixed at the first compilation that sees it): a directory
+  already set, by an earlier call or JAX_COMPILATION_CACHE_DIR, is kept. The programs hold
+  code only: the data and the weights are their arguments (tests/test_setup.py checks that
+  no image's bytes are in an entry). jax runs whatever it finds there, so the directory is
+  made owner-only (0700).
+  """
+  if setting == 'none':
+    return None
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    if setting and os.path.abspath(setting) != os.path.abspath(current):
+      log.info('compile_cache_dir=%s ignored: this process already caches compiled programs '
+               'in %s', setting, current)
+    return current
+  path = os.path.abspath(setting or os.path.join(cache_dir, 'xla'))
+  _check_writable('compile_cache_dir', path)
+  os.chmod(path, 0o700)
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
 
 
 def _check_writable(key, path):
