@@ -184,13 +184,16 @@ def use_compile_cache(setting, cache_dir):
 
   Process-wide (a jax setting, fixed at the first compilation that sees it): a directory
   already set, by an earlier call or JAX_COMPILATION_CACHE_DIR, is kept. The programs hold
-  code only: the data and the weights are their arguments (tests/test_setup.py checks that
+  code only: the data and the weights are their arguments (tests/test_repair.py checks that
   no image's bytes are in an entry). jax runs whatever it finds there, so the directory is
   made owner-only (0700).
   """
-  if setting == 'none':
-    return None
   current = jax.config.jax_compilation_cache_dir
+  if setting == 'none':
+    if current:
+      log.info('compile_cache_dir=none ignored: this process already caches compiled '
+               'programs in %s', current)
+    return current
   if current:
     if setting and os.path.abspath(setting) != os.path.abspath(current):
       log.info('compile_cache_dir=%s ignored: this process already caches compiled programs '
@@ -198,7 +201,11 @@ def use_compile_cache(setting, cache_dir):
     return current
   path = os.path.abspath(setting or os.path.join(cache_dir, 'xla'))
   _check_writable('compile_cache_dir', path)
-  os.chmod(path, 0o700)
+  try:
+    os.chmod(path, 0o700)
+  except OSError as e:
+    raise ValueError(f'compile_cache_dir={path!r} cannot be made owner-only ({e.strerror}); '
+                     'choose a folder of your own with --config.compile_cache_dir') from None
   jax.config.update('jax_compilation_cache_dir', path)
   return path
 
