@@ -17,9 +17,9 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # LLVM optimisation level 1: compiling is much of the suite's cost, but level 0's code runs
-# the end-to-end tests' forwards slower. Measured cold on 2 cores (a comparison running
-# beside, so slower than alone): the smoke
-# comparison (test_compare's fixture) 175 s at level 0, 138 s at the default, 104 s at 1;
+# the end-to-end tests' forwards slower. Measured cold on 2 cores, a comparison running
+# beside (so slower than alone): the smoke comparison (test_compare's fixture) 175 s at
+# level 0, 138 s at the default, 104 s at 1;
 # test_loop + test_unlearn_step + test_stopping + test_repair 218 s at 0, 182 s at 1.
 # test_parallel's workers keep 0 (47 s against 53 s at 1). It changes how fast the code runs,
 # not what it computes; both sides of every comparison are compiled the same way.

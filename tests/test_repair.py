@@ -201,7 +201,7 @@ def test_cached_programs_hold_no_patient_image(prep, tmp_path):
   assert scanned >= 5
   # the scan would see an image compiled in as a constant (this probe's own entry, skipped above)
   def image_constant_probe(x):
-    return x + jax.numpy.asarray(images[0])
+    return x + jnp.asarray(images[0])
   jax.jit(image_constant_probe).lower(np.zeros_like(images[0])).compile()
   found = False
   for name in os.listdir(cache_dir):

@@ -189,16 +189,13 @@ def use_compile_cache(setting, cache_dir):
   made owner-only (0700).
   """
   current = jax.config.jax_compilation_cache_dir
-  if setting == 'none':
-    if current:
-      log.info('compile_cache_dir=none ignored: this process already caches compiled '
-               'programs in %s', current)
-    return current
   if current:
-    if setting and os.path.abspath(setting) != os.path.abspath(current):
+    if setting == 'none' or (setting and os.path.abspath(setting) != os.path.abspath(current)):
       log.info('compile_cache_dir=%s ignored: this process already caches compiled programs '
                'in %s', setting, current)
     return current
+  if setting == 'none':
+    return None
   path = os.path.abspath(setting or os.path.join(cache_dir, 'xla'))
   _check_writable('compile_cache_dir', path)
   try:
