@@ -161,7 +161,7 @@ def build(arg):
   # Measured on validation data (README "Forget-MI+"): the push alone leaves the retain set
   # forgotten too (retain accuracy 0.75 where retrained models keep 0.97).
   c.forgetmi.repair = ml_collections.ConfigDict()
-  c.forgetmi.repair.epochs = 6  # at most: config.stop ends it at its best epoch
+  c.forgetmi.repair.epochs = 6  # at most: config.stop ends it (per size: configs/unlearn.py)
   c.forgetmi.repair.retain_examples = 1024  # retain images per epoch (0 = the whole retain set)
   # AdamW (the push's weight decay) at this times the push's lr (forgetmi.lr), so the tuning
   # rule's lr trials set both. 0.3: at the push rates the rule selects (3e-4 at 3 and 6 %, 1e-3

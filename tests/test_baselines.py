@@ -264,7 +264,9 @@ def test_registry_and_presets():
       c = unlearn.get_config(f'method={name},pct={pct}')
       assert c.method == name and abs(c.forget_fraction - pct / 100) < 1e-9
       assert c.forgetmi.setting == config_lib.BEST_SETTING[pct]
+      assert c.forgetmi.repair.epochs == unlearn.REPAIR_EPOCHS[pct]
       config_lib.resolve(c)  # valid as a whole
+  assert unlearn.get_config('pct=10,smoke').forgetmi.repair.epochs == 0  # smoke stays tiny
   with pytest.raises(ValueError, match='pct=4'):
     unlearn.get_config('method=scrub,pct=4')
   with pytest.raises(ValueError, match="unknown config argument 'mehtod'"):

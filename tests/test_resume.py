@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from forgetmi_jax.train.checkpoints import Checkpoints
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,3 +64,31 @@ def test_kill_and_resume_gives_same_params(tmp_path):
     if k == 'resumed_from':  # differs by design (checked above)
       continue
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+class _Items:
+  """The one thing `Checkpoints.save` asks of a state."""
+
+  def checkpoint_items(self):
+    return {'w': np.arange(3.0, dtype=np.float32)}
+
+
+def test_reopening_removes_only_unfinished_writes(tmp_path):
+  """A killed run's half-written folders go when its folder is opened again, finished ones
+  stay, and a folder being written beside the epochs afterwards (a best model) survives the
+  next save (orbax's own background clean-up once deleted one mid-write)."""
+  run = tmp_path / 'run'
+  for name in ('3.orbax-checkpoint-tmp', 'best-after-2.orbax-checkpoint-tmp'):
+    (run / name).mkdir(parents=True)
+    (run / name / 'part').write_bytes(b'x')
+  (run / 'best-after-1').mkdir()
+  (run / 'best-after-1' / 'whole').write_bytes(b'x')
+  ckpt = Checkpoints(str(run))
+  try:
+    assert sorted(os.listdir(run)) == ['best-after-1']
+    (run / 'best-after-4.orbax-checkpoint-tmp').mkdir()  # as loop's save_best writes it
+    ckpt.save(0, _Items())
+    assert (run / 'best-after-4.orbax-checkpoint-tmp').is_dir()
+    assert ckpt.latest_epoch() == 0 and (run / 'best-after-1' / 'whole').exists()
+  finally:
+    ckpt.close()

@@ -2,10 +2,12 @@
 model's variables.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a killed run
-leaves either a whole checkpoint or none; `cleanup_tmp_directories` removes the debris. A
-checkpoint that cannot be read raises one error naming its folder and what to do.
+leaves either a whole checkpoint or none; `remove_unfinished` deletes the debris when the
+folder is opened again. A checkpoint that cannot be read raises one error naming its folder
+and what to do.
 """
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -26,13 +28,31 @@ def _unreadable(path, err):
       'truncated or from another version: delete that folder to retrain or rerun from scratch.')
 
 
+UNFINISHED_MARK = '.orbax-checkpoint-tmp'  # orbax's name for a folder still being written
+
+
+def remove_unfinished(directory):
+  """Delete what a killed run was still writing in `directory` (orbax's temporary folders).
+
+  Done here, at once, rather than by orbax's `cleanup_tmp_directories`: that runs in a
+  background thread and deleted a best-model folder (`loop._StopTrack.save_best`, written beside
+  the epochs) while it was being written: 'Directory not empty' at the next save (seen once
+  in the test suite, tests/test_repair.py)."""
+  if jax.process_index() != 0:
+    return  # like orbax: the primary process cleans up
+  for name in os.listdir(directory):
+    if UNFINISHED_MARK in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 class Checkpoints:
   def __init__(self, directory, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
     os.makedirs(self.directory, exist_ok=True)
+    remove_unfinished(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=False)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_epoch(self):
