@@ -35,9 +35,9 @@ def remove_unfinished(directory):
   """Delete what a killed run was still writing in `directory` (orbax's temporary folders).
 
   Done here, at once, rather than by orbax's `cleanup_tmp_directories`: that runs in a
-  background thread and deleted a best-model folder (`loop._StopTrack.save_best`, written beside
-  the epochs) while it was being written: 'Directory not empty' at the next save (seen once
-  in the test suite, tests/test_repair.py)."""
+  background thread and deleted a best-model folder (`loop._StopTrack.save_best`, written
+  beside the epochs) while it was being written: 'Directory not empty' at the next save
+  (seen once in the test suite, tests/test_repair.py)."""
   if jax.process_index() != 0:
     return  # like orbax: the primary process cleans up
   for name in os.listdir(directory):
