@@ -187,6 +187,20 @@ def test_unlearning_batches_full_retain_pass_cycles_the_forget_set(source, split
     np.testing.assert_array_equal(a['retain']['id'], b['retain']['id'])
 
 
+def test_a_smaller_forget_batch_needs_the_cycled_epoch(source, split, cohort):
+  sampler = RetainSampler(cohort.subject_id, split.retain_idx, split.forget_subjects, seed=0)
+  n_retain, n_forget = len(split.retain_idx), len(split.forget_idx)
+  steps = list(P.unlearning_batches(source, split.forget_idx, sampler, 1, 8,
+                                    retain_examples=n_retain, forget_batch_size=3))
+  assert len(steps) == -(-n_retain // 8)
+  assert all(s['forget']['id'].shape == (3,) and s['retain']['id'].shape == (8,) for s in steps)
+  f_ids = np.concatenate([s['forget']['id'] for s in steps])
+  assert len(set(f_ids[:n_forget].tolist())) == min(n_forget, len(f_ids))  # a cycle, no repeat
+  with pytest.raises(ValueError, match='forget_batch_size=3 needs a cycled forget set'):
+    next(iter(P.unlearning_batches(source, split.forget_idx, sampler, 1, 8,
+                                   forget_batch_size=3)))
+
+
 def test_target_batches_in_order(source, split):
   got = list(P.target_batches(source, split.retain_idx, 16))
   ids = np.concatenate([b['forget']['id'][b['forget']['mask'] > 0] for b in got])

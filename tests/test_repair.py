@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,53 @@ def test_repair_group_checks_and_off_switch(prep):
   group.repair.lr_ratio = 0.0
   with pytest.raises(ValueError, match='repair.lr_ratio'):
     repair.repair_group(group)
+
+
+def test_a_thinner_forget_batch_cycles_the_forget_set_fewer_times(prep):
+  """`repair.forget_batch_size` < batch_size: the same retain rows, the same cycled forget
+  order taken fewer rows a step, and the epoch's announced size counts the real rows."""
+  ctx = setup.make_context(prep, with_noisy_text=False)
+  n_forget, n_retain = len(prep.split.forget_idx), len(prep.split.retain_idx)
+  pushed = {'c': prep.init_variables(0)}
+
+  def method(forget_batch_size):
+    group = copy.deepcopy(prep.config.forgetmi)
+    group.repair.retain_examples = min(n_retain, 3 * n_forget)
+    group.repair.forget_batch_size = forget_batch_size
+    return repair.RepairMethod(ctx, [loop.Copy(0, repair.repair_group(group), 'c')], pushed)
+
+  full, thin = method(0), method(1)
+  bs = int(full.cfg.batch_size)
+  assert full.cfg.forget_batch_size == bs and thin.cfg.forget_batch_size == 1 < bs
+  assert full.retain_examples() > n_forget  # the cycled epoch
+  steps_full = list(full.seed_batches(0, 0))
+  steps_thin = [thin.prepare_batch(b, 0, 0) for b in thin.seed_batches(0, 0)]
+  assert len(steps_thin) == len(steps_full)
+  for a, b in zip(steps_full, steps_thin):
+    np.testing.assert_array_equal(a['retain']['id'], b['retain']['id'])
+    assert b['forget']['id'].shape == (1,) and b['forget']['mask'].all()
+    np.testing.assert_array_equal(np.asarray(prep.split.forget_idx)[b['forget']['position']],
+                                  b['forget']['id'])
+  order = np.concatenate([b['forget']['id'] for b in steps_full])
+  thin_ids = np.concatenate([b['forget']['id'] for b in steps_thin])
+  np.testing.assert_array_equal(thin_ids, order[:len(thin_ids)])
+  rows = sum(int(np.sum(b['forget']['mask']) + np.sum(b['retain']['mask'])) for b in steps_thin)
+  assert thin.epoch_examples(0) == rows == len(steps_thin) + full.retain_examples()
+  assert thin.epoch_examples(0) < full.epoch_examples(0)
+  with pytest.raises(ValueError, match='repair.forget_batch_size'):
+    method(bs + 1)
+  # rounded up to the devices that split a step (4 rows on an 8-device TPU: 8), and then never resumed
+  # from another device count's checkpoints
+  group = copy.deepcopy(prep.config.forgetmi)
+  group.repair.forget_batch_size = 1
+  assert repair.repair_group(group, 2).forget_batch_size == 2
+  assert repair.repair_group(group, 4 * bs).forget_batch_size == bs  # never above batch_size
+  copies = [loop.Copy(0, group)]
+  one = setup.run_fingerprint(prep, 'forgetmi', copies)
+  two = setup.run_fingerprint(dataclasses.replace(
+      prep, mesh=types.SimpleNamespace(devices=np.empty(2))), 'forgetmi', copies)
+  assert 'repair_forget_rows' not in one[1] and two[1]['repair_forget_rows'] == [2]
+  assert one[0] != two[0]
 
 
 def test_two_phase_run_starts_the_repair_from_the_pushed_model(prep, tmp_path):

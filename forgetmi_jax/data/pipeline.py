@@ -270,17 +270,21 @@ def _forget_part(source, rows, batch_size: int, noisy, buckets, other_rows=()):
 def unlearning_batches(source, forget_idx, retain_sampler, epoch: int,
                        batch_size: int, noisy_tokens=None, seed: int = 0,
                        num_threads: int = 1, prefetch: int = 2,
-                       retain_examples: int | None = None, buckets=None) -> Iterator[dict]:
+                       retain_examples: int | None = None, buckets=None,
+                       forget_batch_size: int | None = None) -> Iterator[dict]:
   """One unlearning epoch: the whole forget set once (shuffled by (seed, epoch)), each forget
   batch paired with as many retain examples, `retain_sampler.epoch(epoch, len(forget))`.
 
   `retain_examples` > len(forget) pairs that many retain examples instead (a whole retain
   pass: NegGrad+'s zip(retain, cycle(forget))): the shuffled forget set is cycled, full
-  batches, and only the last retain batch is padded.
+  batches, and only the last retain batch is padded. There `forget_batch_size` (default
+  `batch_size`) sets the forget rows per step: fewer than the retain rows cycle the forget set
+  fewer times per epoch (Forget-MI+'s repair, whose forget rows only anchor).
 
   `noisy_tokens`: a NoisyTokens, a callable epoch -> NoisyTokens (text noise redrawn per
   epoch), or None (then 'forget_noisy' holds the clean tokens with K = 1).
-  Every step has exactly `batch_size` rows per set (padding masked, see module docstring).
+  Every step has exactly `batch_size` rows per set (the forget set `forget_batch_size` when
+  given; padding masked, see module docstring).
   `buckets`: all of a step's text (forget, retain, noisy draws) is cut to one length.
   """
   forget = np.asarray(forget_idx, np.int64).reshape(-1)
@@ -288,6 +292,13 @@ def unlearning_batches(source, forget_idx, retain_sampler, epoch: int,
     return iter(())
   forget = forget[_epoch_rng(seed, epoch, 2).permutation(len(forget))]
   cycle = retain_examples is not None and int(retain_examples) > len(forget)
+  forget_rows = batch_size if forget_batch_size is None else int(forget_batch_size)
+  if forget_rows != batch_size and not cycle:
+    raise ValueError(f'forget_batch_size={forget_batch_size} needs a cycled forget set '
+                     f'(retain_examples > {len(forget)} forget examples), got '
+                     f'retain_examples={retain_examples}')
+  if forget_rows < 1:
+    raise ValueError(f'forget_batch_size={forget_batch_size} must be >= 1')
   retain = np.asarray(retain_sampler.epoch(epoch, int(retain_examples) if cycle else len(forget)),
                       np.int64)
   noisy = noisy_tokens(epoch) if callable(noisy_tokens) else noisy_tokens
@@ -295,10 +306,10 @@ def unlearning_batches(source, forget_idx, retain_sampler, epoch: int,
 
   def step(s):
     s = int(s)
-    rows = (forget[(s * batch_size + np.arange(batch_size)) % len(forget)] if cycle
+    rows = (forget[(s * forget_rows + np.arange(forget_rows)) % len(forget)] if cycle
             else forget[s * batch_size:(s + 1) * batch_size])
     retain_rows = retain[s * batch_size:(s + 1) * batch_size]
-    forget_batch, forget_noisy, length = _forget_part(source, rows, batch_size, noisy, buckets,
+    forget_batch, forget_noisy, length = _forget_part(source, rows, forget_rows, noisy, buckets,
                                                       [retain_rows])
     retain_batch = source.get_batch(retain_rows, pad_to=batch_size, text_len=length)
     return {'forget': forget_batch, 'retain': retain_batch, 'forget_noisy': forget_noisy}

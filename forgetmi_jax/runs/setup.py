@@ -342,6 +342,12 @@ def run_fingerprint(prep: Prepared, name: str, copies, time_budget_s=None) -> tu
           'val_idx': np.asarray(prep.split.val_idx).tolist()}
   if time_budget_s is not None:
     what['time_budget_s'] = float(time_budget_s)
+  devices = prep.mesh.devices.size
+  rounded = sorted({int(r.forget_batch_size) for r, one in
+                    ((repair_group(c.cfg, devices), repair_group(c.cfg)) for c in copies)
+                    if r is not None and r.forget_batch_size != one.forget_batch_size})
+  if rounded:  # the repair's forget rows rounded up to this mesh: never resumed on another
+    what['repair_forget_rows'] = rounded
   return config_lib.fingerprint(what), what
 
 
@@ -351,7 +357,8 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   under `<ckpt_root>/<name>/<fingerprint>` so only the same config ever resumes them."""
   name = name or prep.config.method
   copies = copies or copies_of(prep.config, name)
-  repair_cfgs = [repair_group(c.cfg) for c in copies]  # checked before any long work
+  # checked before any long work; forget rows rounded up to the devices (run_fingerprint)
+  repair_cfgs = [repair_group(c.cfg, prep.mesh.devices.size) for c in copies]
   if len({r is None for r in repair_cfgs}) > 1:
     raise ValueError(f'{name}: copies disagree on repair.epochs > 0')
   budget = example_budget(prep, name, copies)

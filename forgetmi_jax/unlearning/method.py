@@ -99,21 +99,23 @@ class UnlearningMethod(Method):
       raise ValueError(f"{self.name}.retain_pass={mode!r} is not one of ('sample', 'full')")
     return mode == 'full'
 
-  def paired_batches(self, epoch, seed, retain_examples=None):
+  def paired_batches(self, epoch, seed, retain_examples=None, forget_batch_size=None):
     """The forget set once, each batch paired with retain examples (a forget-sized sample, or
-    `retain_examples` of them with the forget set cycled)."""
+    `retain_examples` of them with the forget set cycled, `forget_batch_size` rows a step)."""
     return unlearning_batches(self.ctx.source, self.ctx.split.forget_idx,
                               self.retain_sampler(seed), epoch, int(self.cfg.batch_size),
                               noisy_tokens=self.ctx.noisy_tokens, seed=int(seed),
-                              retain_examples=retain_examples, buckets=self.ctx.text_buckets)
+                              retain_examples=retain_examples, buckets=self.ctx.text_buckets,
+                              forget_batch_size=forget_batch_size)
 
-  def paired_examples(self, retain_examples=None):
+  def paired_examples(self, retain_examples=None, forget_batch_size=None):
     """Real rows of one `paired_batches` epoch: the forget set and as many retain examples,
     or with the forget set cycled full forget batches beside `retain_examples`."""
     forget = len(self.ctx.split.forget_idx)
     if retain_examples is not None and int(retain_examples) > forget:
       size = int(self.cfg.batch_size)
-      return math.ceil(int(retain_examples) / size) * size + int(retain_examples)
+      return math.ceil(int(retain_examples) / size) * int(forget_batch_size or size) + int(
+          retain_examples)
     return 2 * forget
 
   def seed_batches(self, epoch, seed):

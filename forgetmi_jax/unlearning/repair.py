@@ -11,7 +11,8 @@ it starts from:
 
 CE and KL each summed over the image, text and joint heads, every module trained (the heads
 too: both terms live on the logits), AdamW at `lr_ratio` x the push's learning rate. An epoch
-pairs `retain_examples` retain images (0 = the whole retain set) with the forget set, cycled. The pushed model's forget logits are computed
+pairs `retain_examples` retain images (0 = the whole retain set) with the forget set, cycled,
+`forget_batch_size` of them per step beside `batch_size` retain images. The pushed model's forget logits are computed
 once per copy (eval mode) and travel in the copy's hyperparameters, so stacked copies with
 different pushed models share one program. `setup.run_method` runs it after a method whose
 group has `repair.epochs > 0`, under the same stopping rule.
@@ -31,8 +32,10 @@ HEADS = ('image', 'text', 'joint')  # the order of the pushed logits' head axis
 _FIELDS = tuple(HEAD_FIELDS[h] for h in HEADS)
 
 
-def repair_group(method_cfg):
-  """The repair's own config group from a method's (`<method>.repair`), or None when off."""
+def repair_group(method_cfg, num_devices: int = 1):
+  """The repair's own config group from a method's (`<method>.repair`), or None when off.
+  Its forget rows per step are rounded up to a multiple of the `num_devices` that split each
+  step's batch (4 rows on an 8-device TPU: 8)."""
   repair = method_cfg.get('repair')
   if repair is None or int(repair.epochs) <= 0:
     return None
@@ -42,6 +45,12 @@ def repair_group(method_cfg):
   share = float(repair.get('budget_share', 0.5))
   if not 0 <= share < 1:
     raise ValueError(f'repair.budget_share={share} must be in [0, 1)')
+  forget_batch = int(repair.get('forget_batch_size', 0))
+  if not 0 <= forget_batch <= int(method_cfg.batch_size):
+    raise ValueError(f'repair.forget_batch_size={forget_batch} must be in [0, batch_size='
+                     f'{method_cfg.batch_size}] (0 = batch_size)')
+  batch_size = int(method_cfg.batch_size)
+  forget_rows = -(-(forget_batch or batch_size) // num_devices) * num_devices
   if int(repair.retain_examples) < 0:
     raise ValueError(f'repair.retain_examples={repair.retain_examples} must be >= 0 '
                      '(0 = the whole retain set)')
@@ -52,7 +61,8 @@ def repair_group(method_cfg):
       'weight_decay': float(method_cfg.weight_decay),
       'adam_eps': float(method_cfg.get('adam_eps', 1e-6)),
       'retain_examples': int(repair.retain_examples), 'anchor': float(repair.anchor),
-      'temperature': float(repair.temperature), 'budget_share': share})
+      'temperature': float(repair.temperature), 'budget_share': share,
+      'forget_batch_size': min(forget_rows, batch_size)})
 
 
 def repair_loss(params, batch_stats, batch, rng, hp, apply_fn):
@@ -103,10 +113,16 @@ class RepairMethod(UnlearningMethod):
     return min(int(self.cfg.retain_examples) or retain, retain)
 
   def seed_batches(self, epoch, seed):
-    return self.paired_batches(epoch, seed, self.retain_examples())
+    return self.paired_batches(epoch, seed, self.retain_examples(), self.forget_batch_size())
 
   def epoch_examples(self, epoch):
-    return self.paired_examples(self.retain_examples())
+    return self.paired_examples(self.retain_examples(), self.forget_batch_size())
+
+  def forget_batch_size(self):
+    """Forget rows per step beside `batch_size` retain rows: they only anchor, so fewer cost
+    less; the whole-forget-set epoch needs the full batch (there is no cycle to thin)."""
+    cycled = self.retain_examples() > len(self.ctx.split.forget_idx)
+    return int(self.cfg.forget_batch_size) if cycled else None
 
   def prepare_batch(self, batch, epoch, seed):
     batch = super().prepare_batch(batch, epoch, seed)
