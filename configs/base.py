@@ -163,8 +163,9 @@ def build(arg):
   c.forgetmi.repair = ml_collections.ConfigDict()
   c.forgetmi.repair.epochs = 6  # at most: config.stop ends it (per size: configs/unlearn.py)
   c.forgetmi.repair.retain_examples = 1024  # retain images per epoch (0 = the whole retain set)
-  # forget images per step beside `forgetmi.batch_size` retain images (0 = as many): they only
-  # anchor, so fewer make an epoch cheaper (the forget set is cycled fewer times per epoch)
+  # forget images per step beside `forgetmi.batch_size` retain images (at most that many);
+  # 0: the forget set once per epoch. They only anchor the forget set (per size:
+  # configs/unlearn.py)
   c.forgetmi.repair.forget_batch_size = 0
   # AdamW (the push's weight decay) at this times the push's lr (forgetmi.lr), so the tuning
   # rule's lr trials set both. 0.3: at the push rates the rule selects (3e-4 at 3 and 6 %, 1e-3

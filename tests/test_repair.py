@@ -75,9 +75,9 @@ def test_pushed_logits_and_positions(prep):
     out, _ = forward(prep.model.apply, v['params'], v['batch_stats'],
                      model_inputs(prep.source.get_batch(forget_idx)), train=False)
     want = np.stack([out.logits_img, out.logits_txt, out.logits_joint], axis=1)
-    np.testing.assert_allclose(method.pushed_logits[name], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(method.pushed_logits(name), want, rtol=1e-5, atol=1e-5)
     assert method.start_variables(None, loop.Copy(0, cfg, name)) is v
-  assert not np.allclose(method.pushed_logits['copy0'], method.pushed_logits['copy1'])
+  assert not np.allclose(method.pushed_logits('copy0'), method.pushed_logits('copy1'))
   batch = method.prepare_batch(next(iter(method.seed_batches(0, 0))), 0, 0)
   ids = np.asarray(batch['forget']['id'])
   np.testing.assert_array_equal(forget_idx[batch['forget']['position']], ids)
@@ -99,51 +99,60 @@ def test_repair_group_checks_and_off_switch(prep):
     repair.repair_group(group)
 
 
-def test_a_thinner_forget_batch_cycles_the_forget_set_fewer_times(prep):
-  """`repair.forget_batch_size` < batch_size: the same retain rows, the same cycled forget
-  order taken fewer rows a step, and the epoch's announced size counts the real rows."""
+def test_forget_rows_once_per_epoch_fewer_or_full(prep):
+  """`repair.forget_batch_size`: N rows a step take the same cycled forget order N at a time
+  beside the same retain rows; 0 (the default) is the forget set once per epoch; the rows are
+  rounded up to the devices and hashed as run."""
   ctx = setup.make_context(prep, with_noisy_text=False)
-  n_forget, n_retain = len(prep.split.forget_idx), len(prep.split.retain_idx)
+  forget_idx = np.asarray(prep.split.forget_idx)
+  n_forget, n_retain = len(forget_idx), len(prep.split.retain_idx)
   pushed = {'c': prep.init_variables(0)}
 
-  def method(forget_batch_size):
+  def group_with(rows):
     group = copy.deepcopy(prep.config.forgetmi)
     group.repair.retain_examples = min(n_retain, 3 * n_forget)
-    group.repair.forget_batch_size = forget_batch_size
-    return repair.RepairMethod(ctx, [loop.Copy(0, repair.repair_group(group), 'c')], pushed)
+    group.repair.forget_batch_size = rows
+    return group
 
-  full, thin = method(0), method(1)
-  bs = int(full.cfg.batch_size)
-  assert full.cfg.forget_batch_size == bs and thin.cfg.forget_batch_size == 1 < bs
+  def method(rows, num_devices=1):
+    return repair.RepairMethod(ctx, [loop.Copy(0, repair.repair_group(group_with(rows)), 'c')],
+                               pushed, num_devices=num_devices)
+
+  bs = int(prep.config.forgetmi.batch_size)
+  full, thin = method(bs), method(1)
   assert full.retain_examples() > n_forget  # the cycled epoch
+  assert (full.forget_batch_size(), thin.forget_batch_size()) == (bs, 1)
   steps_full = list(full.seed_batches(0, 0))
   steps_thin = [thin.prepare_batch(b, 0, 0) for b in thin.seed_batches(0, 0)]
-  assert len(steps_thin) == len(steps_full)
+  assert len(steps_thin) == len(steps_full) == -(-full.retain_examples() // bs)
   for a, b in zip(steps_full, steps_thin):
     np.testing.assert_array_equal(a['retain']['id'], b['retain']['id'])
     assert b['forget']['id'].shape == (1,) and b['forget']['mask'].all()
-    np.testing.assert_array_equal(np.asarray(prep.split.forget_idx)[b['forget']['position']],
-                                  b['forget']['id'])
+    np.testing.assert_array_equal(forget_idx[b['forget']['position']], b['forget']['id'])
   order = np.concatenate([b['forget']['id'] for b in steps_full])
   thin_ids = np.concatenate([b['forget']['id'] for b in steps_thin])
   np.testing.assert_array_equal(thin_ids, order[:len(thin_ids)])
   rows = sum(int(np.sum(b['forget']['mask']) + np.sum(b['retain']['mask'])) for b in steps_thin)
   assert thin.epoch_examples(0) == rows == len(steps_thin) + full.retain_examples()
-  assert thin.epoch_examples(0) < full.epoch_examples(0)
+  # 0: ceil(forget / steps) rows, every forget image anchored in the epoch, at least once
+  once = method(0)
+  want = -(-n_forget // len(steps_full))
+  assert once.forget_batch_size() == want < bs
+  ids = np.concatenate([b['forget']['id'] for b in once.seed_batches(0, 0)])
+  assert len(ids) == want * len(steps_full) and set(ids.tolist()) == set(forget_idx.tolist())
+  assert once.epoch_examples(0) < full.epoch_examples(0)
   with pytest.raises(ValueError, match='repair.forget_batch_size'):
-    method(bs + 1)
-  # rounded up to the devices that split a step (4 rows on an 8-device TPU: 8), and then never resumed
-  # from another device count's checkpoints
-  group = copy.deepcopy(prep.config.forgetmi)
-  group.repair.forget_batch_size = 1
-  assert repair.repair_group(group, 2).forget_batch_size == 2
-  assert repair.repair_group(group, 4 * bs).forget_batch_size == bs  # never above batch_size
-  copies = [loop.Copy(0, group)]
-  one = setup.run_fingerprint(prep, 'forgetmi', copies)
-  two = setup.run_fingerprint(dataclasses.replace(
-      prep, mesh=types.SimpleNamespace(devices=np.empty(2))), 'forgetmi', copies)
-  assert 'repair_forget_rows' not in one[1] and two[1]['repair_forget_rows'] == [2]
-  assert one[0] != two[0]
+    repair.repair_group(group_with(bs + 1))
+  # rounded up to the devices that split a step (4 rows on an 8-device TPU: 8), never above
+  # batch_size
+  assert method(1, num_devices=2).forget_batch_size() == 2
+  assert method(1, num_devices=4 * bs).forget_batch_size() == bs
+  # the fingerprint hashes the rows as run: 0 and the rows it means alike, a mesh that
+  # rounds them otherwise
+  key = lambda rows, p=prep: setup.run_fingerprint(p, 'forgetmi', [loop.Copy(0, group_with(rows))])[0]  # noqa
+  two = dataclasses.replace(prep, mesh=types.SimpleNamespace(devices=np.empty(2)))
+  assert key(0) == key(want) != key(bs)
+  assert key(1) != key(1, two) == key(2, two)
 
 
 def test_two_phase_run_starts_the_repair_from_the_pushed_model(prep, tmp_path):

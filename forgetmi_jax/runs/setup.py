@@ -40,7 +40,7 @@ from forgetmi_jax.train.tensorboard import EventWriter
 from forgetmi_jax.train.trainer import TrainMethod
 from forgetmi_jax.unlearning import registry
 from forgetmi_jax.unlearning.method import UnlearnContext
-from forgetmi_jax.unlearning.repair import RepairMethod, repair_group
+from forgetmi_jax.unlearning.repair import RepairMethod, forget_rows, repair_group
 from forgetmi_jax.unlearning.trunk import Trunk, TrunkSource, cut_modules, trunk_group
 from forgetmi_jax.unlearning.trunk import compute_outputs as compute_trunk
 
@@ -334,7 +334,7 @@ def copies_of(config, name, seeds=None, cfgs=None):
 def run_fingerprint(prep: Prepared, name: str, copies, time_budget_s=None) -> tuple[str, dict]:
   """(key, what it hashes): everything that determines an unlearning run's result."""
   config = prep.config
-  what = {'method': name, 'copies': [(c.seed, c.cfg.to_dict()) for c in copies],
+  what = {'method': name, 'copies': [(c.seed, _as_run(prep, c.cfg)) for c in copies],
           'data': prep.data_key, 'model': config.model.to_dict(), 'train': config.train.to_dict(),
           'text_noise_seed': int(config.seed), 'stop': config.stop.to_dict(),
           'forget_idx': np.asarray(prep.split.forget_idx).tolist(),
@@ -342,13 +342,18 @@ def run_fingerprint(prep: Prepared, name: str, copies, time_budget_s=None) -> tu
           'val_idx': np.asarray(prep.split.val_idx).tolist()}
   if time_budget_s is not None:
     what['time_budget_s'] = float(time_budget_s)
-  devices = prep.mesh.devices.size
-  rounded = sorted({int(r.forget_batch_size) for r, one in
-                    ((repair_group(c.cfg, devices), repair_group(c.cfg)) for c in copies)
-                    if r is not None and r.forget_batch_size != one.forget_batch_size})
-  if rounded:  # the repair's forget rows rounded up to this mesh: never resumed on another
-    what['repair_forget_rows'] = rounded
   return config_lib.fingerprint(what), what
+
+
+def _as_run(prep: Prepared, method_cfg) -> dict:
+  """A copy's config as it runs: the repair's forget rows resolved for this split and mesh
+  (0 and the rows it means hash alike; another device count never resumes a run)."""
+  cfg = method_cfg.to_dict()
+  group = repair_group(method_cfg)
+  if group is not None:
+    cfg['repair']['forget_batch_size'] = forget_rows(
+        group, len(prep.split.forget_idx), len(prep.split.retain_idx), prep.mesh.devices.size)
+  return cfg
 
 
 def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None, ctx=None,
@@ -357,8 +362,7 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   under `<ckpt_root>/<name>/<fingerprint>` so only the same config ever resumes them."""
   name = name or prep.config.method
   copies = copies or copies_of(prep.config, name)
-  # checked before any long work; forget rows rounded up to the devices (run_fingerprint)
-  repair_cfgs = [repair_group(c.cfg, prep.mesh.devices.size) for c in copies]
+  repair_cfgs = [repair_group(c.cfg) for c in copies]  # checked before any long work
   if len({r is None for r in repair_cfgs}) > 1:
     raise ValueError(f'{name}: copies disagree on repair.epochs > 0')
   budget = example_budget(prep, name, copies)
@@ -460,7 +464,8 @@ def run_repair(prep: Prepared, original, name, ctx, copies, pushed: loop.Result,
   names = [f'copy{j}' for j in range(len(repair_cfgs))]
   repair_copies = [loop.Copy(c.seed, r, n) for c, r, n in zip(copies, repair_cfgs, names)]
   method = RepairMethod(ctx, repair_copies, {n: s.variables for n, s in zip(names, pushed.states)},
-                        batch_size=int(prep.config.eval.batch_size))
+                        batch_size=int(prep.config.eval.batch_size),
+                        num_devices=prep.mesh.devices.size)
   kwargs = dict(loop_kwargs)
   stopping = kwargs.get('stopping')
   score_cost = loop.SCORE_COST * stopping.score_rows if stopping is not None else 0.0

@@ -12,7 +12,8 @@ it starts from:
 CE and KL each summed over the image, text and joint heads, every module trained (the heads
 too: both terms live on the logits), AdamW at `lr_ratio` x the push's learning rate. An epoch
 pairs `retain_examples` retain images (0 = the whole retain set) with the forget set, cycled,
-`forget_batch_size` of them per step beside `batch_size` retain images. The pushed model's forget logits are computed
+`forget_rows` of them per step beside `batch_size` retain images (by default the forget set
+once per epoch). The pushed model's forget logits are computed
 once per copy (eval mode) and travel in the copy's hyperparameters, so stacked copies with
 different pushed models share one program. `setup.run_method` runs it after a method whose
 group has `repair.epochs > 0`, under the same stopping rule.
@@ -32,10 +33,8 @@ HEADS = ('image', 'text', 'joint')  # the order of the pushed logits' head axis
 _FIELDS = tuple(HEAD_FIELDS[h] for h in HEADS)
 
 
-def repair_group(method_cfg, num_devices: int = 1):
-  """The repair's own config group from a method's (`<method>.repair`), or None when off.
-  Its forget rows per step are rounded up to a multiple of the `num_devices` that split each
-  step's batch (4 rows on an 8-device TPU: 8)."""
+def repair_group(method_cfg):
+  """The repair's own config group from a method's (`<method>.repair`), or None when off."""
   repair = method_cfg.get('repair')
   if repair is None or int(repair.epochs) <= 0:
     return None
@@ -48,9 +47,7 @@ def repair_group(method_cfg, num_devices: int = 1):
   forget_batch = int(repair.get('forget_batch_size', 0))
   if not 0 <= forget_batch <= int(method_cfg.batch_size):
     raise ValueError(f'repair.forget_batch_size={forget_batch} must be in [0, batch_size='
-                     f'{method_cfg.batch_size}] (0 = batch_size)')
-  batch_size = int(method_cfg.batch_size)
-  forget_rows = -(-(forget_batch or batch_size) // num_devices) * num_devices
+                     f'{method_cfg.batch_size}] (0 = the forget set once per epoch)')
   if int(repair.retain_examples) < 0:
     raise ValueError(f'repair.retain_examples={repair.retain_examples} must be >= 0 '
                      '(0 = the whole retain set)')
@@ -62,7 +59,28 @@ def repair_group(method_cfg, num_devices: int = 1):
       'adam_eps': float(method_cfg.get('adam_eps', 1e-6)),
       'retain_examples': int(repair.retain_examples), 'anchor': float(repair.anchor),
       'temperature': float(repair.temperature), 'budget_share': share,
-      'forget_batch_size': min(forget_rows, batch_size)})
+      'forget_batch_size': forget_batch})
+
+
+def retain_examples(repair_cfg, n_retain: int) -> int:
+  """Retain images per repair epoch: `retain_examples`, 0 = the whole retain set."""
+  return min(int(repair_cfg.retain_examples) or n_retain, n_retain)
+
+
+def forget_rows(repair_cfg, n_forget: int, n_retain: int, num_devices: int = 1):
+  """Forget rows per repair step beside `batch_size` retain rows, or None for the plain epoch
+  (the forget set once in full batches: `retain_examples` no more than the forget set).
+
+  `forget_batch_size` 0: the forget set once per epoch (ceil(forget / steps) rows); the rows
+  only anchor, and cycling the forget set several times an epoch (at 3 % and 6 %) costs
+  steps the validation gap does not repay (README "What limits it"). Rounded up to a multiple
+  of the `num_devices` that split each step (4 rows on an 8-device TPU: 8)."""
+  retain = retain_examples(repair_cfg, n_retain)
+  if retain <= n_forget:
+    return None
+  batch_size = int(repair_cfg.batch_size)
+  rows = int(repair_cfg.forget_batch_size) or -(-n_forget // -(-retain // batch_size))
+  return min(-(-rows // num_devices) * num_devices, batch_size)
 
 
 def repair_loss(params, batch_stats, batch, rng, hp, apply_fn):
@@ -86,19 +104,28 @@ class RepairMethod(UnlearningMethod):
   """The repair on the loop; copy `name`s key the pushed variables each copy starts from."""
   name = 'repair'
 
-  def __init__(self, ctx, copies, pushed: dict, batch_size=128):
+  def __init__(self, ctx, copies, pushed: dict, batch_size=128, num_devices=1):
     super().__init__(ctx, copies)
     missing = sorted({c.name for c in self.copies} - set(pushed))
     if missing:
       raise ValueError(f'repair: no pushed model for copies {missing}')
+    self.num_devices = int(num_devices)
     forget_idx = np.asarray(ctx.split.forget_idx)
-    predict = make_predict_fn(ctx.apply_fn, HEADS)
     self.pushed = pushed
-    # [n_forget, 3, C] per copy, rows in forget_idx order; the hyperparameters carry them
-    self.pushed_logits = {name: predict_logits(predict, v, ctx.source, forget_idx, batch_size)
-                          for name, v in pushed.items()}
+    self._predict = make_predict_fn(ctx.apply_fn, HEADS)
+    self._forget_idx, self._batch_size = forget_idx, batch_size
+    self._pushed_logits = {}
     self.position = np.zeros(len(ctx.source), np.int32)
     self.position[forget_idx] = np.arange(len(forget_idx), dtype=np.int32)
+
+  def pushed_logits(self, name):
+    """[n_forget, 3, C], rows in forget_idx order: copy `name`'s pushed model on the forget
+    set (eval mode), computed at its first use, inside the loop's timer (the run's seconds)."""
+    if name not in self._pushed_logits:
+      self._pushed_logits[name] = predict_logits(self._predict, self.pushed[name],
+                                                 self.ctx.source, self._forget_idx,
+                                                 self._batch_size)
+    return self._pushed_logits[name]
 
   def start_variables(self, original, copy):
     return self.pushed[copy.name]
@@ -106,11 +133,7 @@ class RepairMethod(UnlearningMethod):
   def hparams(self, copy):
     return {'anchor': jnp.float32(copy.cfg.anchor),
             'temperature': jnp.float32(copy.cfg.temperature),
-            'pushed_forget_logits': jnp.asarray(self.pushed_logits[copy.name], jnp.float32)}
-
-  def retain_examples(self):
-    retain = len(self.ctx.split.retain_idx)
-    return min(int(self.cfg.retain_examples) or retain, retain)
+            'pushed_forget_logits': jnp.asarray(self.pushed_logits(copy.name), jnp.float32)}
 
   def seed_batches(self, epoch, seed):
     return self.paired_batches(epoch, seed, self.retain_examples(), self.forget_batch_size())
@@ -118,11 +141,12 @@ class RepairMethod(UnlearningMethod):
   def epoch_examples(self, epoch):
     return self.paired_examples(self.retain_examples(), self.forget_batch_size())
 
+  def retain_examples(self):
+    return retain_examples(self.cfg, len(self.ctx.split.retain_idx))
+
   def forget_batch_size(self):
-    """Forget rows per step beside `batch_size` retain rows: they only anchor, so fewer cost
-    less; the whole-forget-set epoch needs the full batch (there is no cycle to thin)."""
-    cycled = self.retain_examples() > len(self.ctx.split.forget_idx)
-    return int(self.cfg.forget_batch_size) if cycled else None
+    return forget_rows(self.cfg, len(self.ctx.split.forget_idx), len(self.ctx.split.retain_idx),
+                       self.num_devices)
 
   def prepare_batch(self, batch, epoch, seed):
     batch = super().prepare_batch(batch, epoch, seed)
