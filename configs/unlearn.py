@@ -16,8 +16,8 @@ REPAIR_EPOCHS = {3: 6, 6: 6, 10: 12}
 # Forget rows per repair step (0: the forget set once per epoch, 4 / 7 rows at 3 / 6 %; 16:
 # full batches, the forget set cycled 1.5x per epoch at 10 %). Validation gaps, tuning trials
 # and final runs over 3 / 3 / 5 seeds (README "What limits it"): at 3 and 6 % once per epoch is
-# as good (0.031 / 0.043 against 0.033 / 0.040) at 19 / 12 % less time; at 10 % worse (0.067
-# against 0.057) for 7 % less.
+# as good (0.031 / 0.043 against 0.033 / 0.040) for 23 / 3 % fewer examples; at 10 % worse
+# (0.067 against 0.057) for 8 % fewer.
 REPAIR_FORGET_ROWS = {3: 0, 6: 0, 10: 16}
 
 
