@@ -149,7 +149,8 @@ def test_forget_rows_once_per_epoch_fewer_or_full(prep):
   assert method(1, num_devices=4 * bs).forget_batch_size() == bs
   # the fingerprint hashes the rows as run: 0 and the rows it means alike, a mesh that
   # rounds them otherwise
-  key = lambda rows, p=prep: setup.run_fingerprint(p, 'forgetmi', [loop.Copy(0, group_with(rows))])[0]  # noqa
+  def key(rows, p=prep):
+    return setup.run_fingerprint(p, 'forgetmi', [loop.Copy(0, group_with(rows))])[0]
   two = dataclasses.replace(prep, mesh=types.SimpleNamespace(devices=np.empty(2)))
   assert key(0) == key(want) != key(bs)
   assert key(1) != key(1, two) == key(2, two)
