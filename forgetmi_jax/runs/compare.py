@@ -9,8 +9,8 @@ One tuning rule for every method (`config.compare`), none of it reading the test
 retrained model (`select_settings` is never given either; a test checks that shuffling the
 test labels and removing the retrained models changes no choice):
 - each method runs once per learning rate in `lr_factors` x its preset lr (the same number of
-  trials for all), as stacked copies on the first `tune_seeds` seeds (default 1: seed
-  `config.seed`; 0 = every seed, a trial's gap then its mean over them), with the shared
+  trials for all), as stacked copies on the first `tune_seeds` seeds (0, the default: every
+  seed, a trial's gap then its mean over them; 1: seed `config.seed` only), with the shared
   stopping rule (`config.stop`: each copy ends at its epoch of lowest validation gap);
 - the selected lr has the lowest validation gap (evaluation/validation.py: forget patients
   against validation non-members held out of the original's training); trials within
@@ -101,7 +101,7 @@ def run_or_reuse(prep, original, name, tag, seeds=None, copies=None, time_budget
 def tuning_seeds(config):
   """The seeds the lr trials run on: the first `compare.tune_seeds` of the run's (0 = all)."""
   seeds = config_lib.seeds(config)
-  k = config.compare.get('tune_seeds', 1)
+  k = config.compare.get('tune_seeds', 0)
   if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(seeds):
     raise ValueError(f'compare.tune_seeds must be an int in 0..num_seeds ({len(seeds)}), '
                      f'got {k!r}')
