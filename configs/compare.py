@@ -39,6 +39,10 @@ def get_config(arg=None):
   c.compare.equal_time = True
   # Run the baselines at their reference budgets too (False: only at Forget-MI+'s time).
   c.compare.reference_budget = True
+  # True: every tuned method's final runs train the epochs its selected trial stopped at (the
+  # median over the tuning seeds, `runs/compare.fixed_schedule`) with no validation scores and
+  # no patience epochs; False: the final runs are stopped by the rule as the trials were.
+  c.compare.final_schedule = True
   if arg.smoke:
     c.compare.tune = False
     c.compare.equal_time = False

@@ -182,6 +182,57 @@ def test_tuning_over_seeds_averages_each_trials_gap(smoke_run, monkeypatch):
     compare.tuning_seeds(config)
 
 
+def test_fixed_schedule_is_the_median_stopping_epoch_plus_one():
+  """Hand-worked: epochs count from 0, so a run stopped at epoch e trained e + 1 epochs; over
+  seeds the median, rounded up; -1 (the start kept) trains none; no repair, no repair epochs."""
+  assert compare.fixed_schedule({'stop_epoch': [1, 1, 1], 'repair_epoch': [4, 4, 5]}) == {
+      'epochs': 2, 'repair_epochs': 5}
+  assert compare.fixed_schedule({'stop_epoch': [3, 5, 4], 'repair_epoch': [5, 2, 1]}) == {
+      'epochs': 5, 'repair_epochs': 3}
+  assert compare.fixed_schedule({'stop_epoch': [1, 2], 'repair_epoch': [None, None]}) == {
+      'epochs': 3, 'repair_epochs': 0}  # median 1.5 -> 2 -> 3 epochs
+  assert compare.fixed_schedule({'stop_epoch': [-1, -1, 0], 'repair_epoch': [-1, 0, 0]}) == {
+      'epochs': 0, 'repair_epochs': 1}
+  assert compare.fixed_schedule({'stop_epoch': 6}) == {'epochs': 7, 'repair_epochs': 0}
+  assert compare.fixed_schedule({'stop_epoch': None}) is None  # ran without the rule
+  config = compare_10pct.get_config('smoke')
+  fixed = compare.with_schedule(config, 'forgetmi', {'epochs': 2, 'repair_epochs': 5})
+  assert fixed.forgetmi.fixed_schedule and fixed.forgetmi.epochs == 2
+  assert fixed.forgetmi.repair.epochs == 5
+  assert not config.forgetmi.fixed_schedule and config.forgetmi.repair.epochs == 0  # a copy
+  assert compare.with_schedule(config, 'scrub', {'epochs': 3, 'repair_epochs': 0}).scrub.epochs == 3
+
+
+def test_final_runs_train_the_selected_schedule_unscored(smoke_run):
+  """compare.final_schedule: the final runs train exactly the epochs the selected trial
+  stopped at (push and repair), with no validation score and no patience epochs."""
+  root, _ = smoke_run
+  config = compare_10pct.get_config('smoke')
+  with config.unlocked():
+    config.workdir = str(root / 'schedule')
+    config.cache_dir = str(root / 'cache')
+    config.compare.methods = ('forgetmi',)
+    config.compare.tune = True
+    config.compare.equal_time = False
+    config.compare.lr_factors = (1.0, 10.0)
+    config.compare.final_schedule = True
+    config.forgetmi.epochs = 4
+    config.forgetmi.repair.epochs = 3
+    config.forgetmi.repair.retain_examples = 32
+  payload = compare.run_comparison(copy_config(config), 'compare_schedule')
+  t = payload['tuning']['methods']['forgetmi']
+  best = next(r for r in t['records'] if r['lr'] == t['selected_lr'])
+  schedule = compare.fixed_schedule(best)
+  assert t['schedule'] == schedule
+  history = payload['history']['forgetmi']
+  push = [h for h in history if h.get('phase') != 'repair']
+  repair = [h for h in history if h.get('phase') == 'repair']
+  assert [h['epoch'] for h in push] == list(range(schedule['epochs']))
+  assert [h['epoch'] for h in repair] == list(range(schedule['repair_epochs']))
+  assert all('val_gap' not in h for h in history)  # nothing scored
+  assert payload['stopping']['methods']['forgetmi'] == [None] * payload['seeds']  # no rule
+
+
 def test_mean_record_marks_a_diverged_seed():
   a = {'val_gap': 0.1, 'epochs_run': 2, 'stop_epoch': 1,
        **{k: 0.5 for k in compare.TRIAL_SCORES}}
@@ -236,6 +287,8 @@ def test_tuning_reads_no_test_label_and_no_retrained_model(smoke_run, monkeypatc
   for name in methods:
     strip = lambda t: [{k: v for k, v in r.items() if k != 'seconds'} for r in t['records']]  # noqa
     assert strip(tuning[name]) == strip(tuning_b[name])
+    # the final runs' fixed schedule (compare.final_schedule) comes from the same records
+    assert tuning[name]['schedule'] == tuning_b[name]['schedule'] is not None
 
 
 def copy_config(config):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from forgetmi_jax.data.pipeline import target_batches
 from forgetmi_jax.runs import setup as run_setup
 from forgetmi_jax.train import loop
 from forgetmi_jax.unlearning.forgetmi import ForgetMIMethod
@@ -92,6 +93,37 @@ def test_cached_original_equals_live(setup):
   _, m_live = live.step(state, original, b_live, live.step_rng(0, 0, 0), hp_live)
   for k in ('loss', 'ur', 'uu', 'mu', 'mr'):
     np.testing.assert_allclose(m_cached[k], m_live[k], rtol=1e-5, atol=1e-6)
+
+
+def test_retain_targets_only_for_the_retain_images_used(setup):
+  """The original's retain embeddings are computed for the images an epoch pairs (its retain
+  sample), at their first use, never for the whole retain set; each equals the original's
+  own forward on that image, and a later epoch adds its rows without moving earlier ones."""
+  prep, original = setup
+  method = _method(prep)
+  method.prepare(original)
+  assert 'retain' not in method.targets
+  n_forget = len(prep.split.forget_idx)
+  sampler = method.retain_sampler(0)
+  for epoch in (0, 1):
+    for batch in method.seed_batches(epoch, 0):
+      method.prepare_batch(batch, epoch, 0)
+    if epoch == 0:
+      first = {k: np.array(v) for k, v in method.targets['retain'].items()}
+  cache = method.targets['retain']
+  used = np.unique(np.concatenate([sampler.epoch(e, n_forget) for e in (0, 1)]))
+  assert set(np.flatnonzero(cache['row'] >= 0)) == set(used.tolist())
+  assert len(used) < len(prep.split.retain_idx)
+  kept = np.flatnonzero(first['row'] >= 0)
+  np.testing.assert_array_equal(cache['row'][kept], first['row'][kept])
+  np.testing.assert_array_equal(cache['retain_uni'][first['row'][kept]],
+                                first['retain_uni'][first['row'][kept]])
+  live = method._retain_targets_fn(original, next(iter(target_batches(
+      prep.source, used[:8], 8))))
+  np.testing.assert_allclose(cache['retain_uni'][cache['row'][used[:8]]], live['retain_uni'],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cache['retain_joint'][cache['row'][used[:8]]],
+                             live['retain_joint'], rtol=1e-5, atol=1e-5)
 
 
 def test_resampled_noise_changes_targets_by_epoch(setup):

@@ -16,9 +16,13 @@ test labels and removing the retrained models changes no choice):
   against validation non-members held out of the original's training); trials within
   `gap_tolerance` of the lowest (the gap's sampling noise) count as equal and the one that
   ran the fewest epochs wins;
-- the final runs use that lr on every seed, with the same stopping rule; their time is the
-  method's `seconds` (tuning time is reported apart). A method with `fixed_schedule` (the
-  paper's Forget-MI) runs as given. `compare.tune = False` runs every preset lr.
+- the final runs use that lr on every seed; their time is the method's `seconds` (tuning time
+  is reported apart). With `compare.final_schedule` (the default) they train the epochs the
+  selected trial stopped at (`fixed_schedule`: the median over its seeds, push and repair) and
+  score nothing: the rule has already chosen when to stop, so the unlearning run pays neither
+  the validation scores nor the patience epochs after the best one. Without it they are
+  stopped by the rule again. A method with `fixed_schedule` in its config (the paper's
+  Forget-MI) runs as given. `compare.tune = False` runs every preset lr.
 """
 import copy
 import dataclasses
@@ -123,6 +127,7 @@ def trial_record(prep, original, name, variables, stop, monitor=None):
     scores = setup.best_scores(stop)
     epoch, epochs_run = stop['best_epoch'], setup.epochs_run(stop)
   record = {'val_gap': _finite(scores.get('val_gap')), 'stop_epoch': epoch,
+            'repair_epoch': None if stop is None else stop.get('repair_epoch'),
             'epochs_run': epochs_run,
             **{k: _finite(scores.get(k)) for k in TRIAL_SCORES}}
   return record, monitor
@@ -138,6 +143,7 @@ def mean_record(per_seed):
     values = [r[key] for r in per_seed]
     out[key] = None if any(v is None for v in values) else float(np.mean(values))
   out['stop_epoch'] = [r['stop_epoch'] for r in per_seed]
+  out['repair_epoch'] = [r.get('repair_epoch') for r in per_seed]
   out['val_gaps'] = [r['val_gap'] for r in per_seed]
   return out
 
@@ -171,8 +177,35 @@ def tune(prep, original, name, cc, time_budget_s=None):
              records[-1]['val_gap'], seeds, records[-1]['stop_epoch'])
   best = select(records, cc.gap_tolerance)
   return {'preset_lr': preset, 'selected_lr': best['lr'], 'records': records,
+          'schedule': fixed_schedule(best),
           'seeds': seeds, 'validation_images': int(len(prep.split.val_idx)),
           'seconds': float(sum(r['seconds'] for r in records))}
+
+
+def fixed_schedule(record):
+  """{'epochs', 'repair_epochs'} a final run trains without the stopping rule
+  (`compare.final_schedule`): the selected trial's stopping epochs, the median over its seeds
+  rounded up, plus one (epochs count from 0; -1, the start never improved on, trains none).
+  None when the trial ran without the rule."""
+  def count(epochs):
+    epochs = [e for e in np.atleast_1d(np.asarray(epochs, dtype=object)) if e is not None]
+    return int(math.ceil(float(np.median(epochs)))) + 1 if epochs else None
+  push = count(record.get('stop_epoch'))
+  if push is None:
+    return None
+  return {'epochs': max(push, 0), 'repair_epochs': max(count(record.get('repair_epoch')) or 0, 0)}
+
+
+def with_schedule(config, name, schedule):
+  """A copy of the config where method `name` trains `schedule`'s epochs, no stopping rule."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    group = method_config(config, name)
+    group.fixed_schedule = True
+    group.epochs = int(schedule['epochs'])
+    if 'repair' in group:
+      group.repair.epochs = int(schedule['repair_epochs'])
+  return config
 
 
 def _finite(x):
@@ -219,7 +252,11 @@ def run_comparison(config, config_name='compare'):
 
   def final(key, budget=None):
     name = base_name(key)
-    p = dataclasses.replace(prep, config=with_lr(prep.config, name, lrs[key]))
+    config = with_lr(prep.config, name, lrs[key])
+    schedule = (tuning.get(key) or {}).get('schedule')
+    if cc.get('final_schedule', False) and schedule is not None:
+      config = with_schedule(config, name, schedule)
+    p = dataclasses.replace(prep, config=config)
     states[key], seconds[key], hist, stop = run_or_reuse(
         p, original, name, 'final' if budget is None else 'final_eqtime', seeds,
         time_budget_s=budget)

@@ -246,8 +246,9 @@ def make_grads_fn(apply_fn, *, num_draws=1, no_noise=False, resample_noise=False
 # ------------------------------------------------------------------------------ the method
 class ForgetMIMethod(UnlearningMethod):
   """Forget-MI on the loop. Copies may differ in seed, lr, loss weights and image noise; the
-  frozen original's outputs are computed once (retain) and once per distinct (seed, noise)
-  setting (forget; again per epoch only when the noise is resampled) and shared by all copies.
+  frozen original's outputs are computed once per retain image the batches pair (at its first
+  use) and once per distinct (seed, noise) setting (forget; again per epoch only when the noise
+  is resampled) and shared by all copies.
   """
   name = 'forgetmi'
   frozen_modules = HEAD_NAMES  # the heads get no update and stay bit-identical
@@ -354,10 +355,6 @@ class ForgetMIMethod(UnlearningMethod):
     if self.bounded() and self.bounds is None:
       self.bounds = non_member_spread(self.ctx.source, self.ctx.split.val_idx,
                                       lambda b: self._retain_targets_fn(original, b))
-    if self.cached and 'retain' not in self.targets:
-      fn = self._retain_targets_fn
-      self.targets['retain'] = self._gather(self.ctx.split.retain_idx, 64,
-                                            lambda b: fn(original, b), draw_axis=False)
     if self.cached:  # a later chunk starts again from epoch 0's (resampled) noise
       self._forget_targets(0, recompute=self.resample)
 
@@ -370,6 +367,33 @@ class ForgetMIMethod(UnlearningMethod):
       self.targets[key] = self._gather(
           self.ctx.split.forget_idx, int(self.cfg.batch_size),
           lambda b, fn=fn, hp=hp: fn(self.original, b, hp), draw_axis=True)
+
+  def _retain_targets(self, epoch, ids):
+    """The cached f_o embeddings, first computed for the retain images this epoch pairs (every
+    seed's sample, and any of `ids` not yet cached): a push of a few epochs reads a few
+    hundred of them, not the whole retain set."""
+    cache = self.targets.get('retain')
+    ids = np.asarray(ids, np.int64)
+    if cache is not None and np.all(cache['row'][ids] >= 0):
+      return cache
+    e = 0 if self.replay else epoch
+    n = len(self.ctx.split.retain_idx if self.full_retain_pass() else self.ctx.split.forget_idx)
+    wanted = np.unique(np.concatenate(
+        [ids] + [self.retain_sampler(s).epoch(e, n) for s in set(self.seeds)]))
+    if cache is not None:
+      wanted = wanted[cache['row'][wanted] < 0]
+    fn = self._retain_targets_fn
+    new = self._gather(wanted, 64, lambda b: fn(self.original, b), draw_axis=False)
+    if cache is None:
+      cache = new
+    else:
+      offset = len(cache['retain_uni'])
+      row = cache['row'].copy()
+      row[wanted] = new['row'][wanted] + offset
+      cache = {k: np.concatenate([cache[k], new[k]]) for k in ('retain_uni', 'retain_joint')}
+      cache['row'] = row
+    self.targets['retain'] = cache
+    return cache
 
   def _gather(self, indices, batch_size, fn, draw_axis):
     """Run fn over `indices` in fixed-size batches; arrays plus an id -> row lookup."""
@@ -417,7 +441,7 @@ class ForgetMIMethod(UnlearningMethod):
         else len(keys)
     keys = keys + [keys[-1]] * (width - len(keys))
     f_ids, r_ids = batch['forget']['id'], batch['retain']['id']
-    retain = self.targets['retain']
+    retain = self._retain_targets(epoch, r_ids)
     targets = {'retain_uni': retain['retain_uni'][retain['row'][r_ids]],
                'retain_joint': retain['retain_joint'][retain['row'][r_ids]]}
     for name in _TARGET_NAMES:
