@@ -198,6 +198,10 @@ def build(arg):
   # validation only, blind to the retain set (the rule before the SVC term).
   c.stop.attack = 'svc'
   c.stop.retain_images = 1024  # the svc attack's fixed retain sample, scored every epoch
+  # Whether a score's forwards count against an example budget (`<method>.budget`). compare.py
+  # turns it off for the lr trials when the final runs train the tuned schedule unscored
+  # (`compare.final_schedule`): the budget is then what the unlearning run itself costs.
+  c.stop.scores_in_budget = True
 
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()

@@ -233,6 +233,57 @@ def test_final_runs_train_the_selected_schedule_unscored(smoke_run):
   assert payload['stopping']['methods']['forgetmi'] == [None] * payload['seeds']  # no rule
 
 
+def test_budgeted_trials_count_only_what_the_final_run_trains(smoke_run, monkeypatch):
+  """Under compare.final_schedule the final runs score nothing, so an example budget's lr
+  trials count only their training (stop.scores_in_budget off for them); without a budget or
+  without final schedules the trials run as before. The default hashes as before the option
+  existed (earlier runs still resume); off, the rule's scores cost the budget nothing."""
+  root, _ = smoke_run
+  config = compare_10pct.get_config('smoke')
+  with config.unlocked():
+    config.workdir = str(root / 'budget_scores')
+    config.cache_dir = str(root / 'cache')
+    config.compare.tune = True
+  prep = setup.prepare(config, 'budget_scores')
+  seen = []
+
+  class Enough(Exception):
+    pass
+
+  def spy(p, *a, **k):
+    seen.append(p.config.stop.scores_in_budget)
+    raise Enough
+  monkeypatch.setattr(compare, 'run_or_reuse', spy)
+  for budget, final_schedule in ((0.2, True), (0.0, True), (0.2, False)):
+    cc = copy_config(config.compare)
+    with cc.unlocked():
+      cc.final_schedule = final_schedule
+    p = dataclasses.replace(prep, config=copy_config(config))
+    with p.config.unlocked():
+      p.config.forgetmi.budget = budget
+    with pytest.raises(Enough):
+      compare.tune(p, None, 'forgetmi', cc)
+  assert seen == [False, True, True]
+  assert prep.config.stop.scores_in_budget  # the caller's config is untouched
+
+  def key(scores_in_budget):
+    c = copy_config(config)
+    with c.unlocked():
+      if scores_in_budget is None:
+        del c.stop['scores_in_budget']
+      else:
+        c.stop.scores_in_budget = scores_in_budget
+    copies = setup.copies_of(c, 'forgetmi', [0])
+    return setup.run_fingerprint(dataclasses.replace(prep, config=c), 'forgetmi', copies)[0]
+  assert key(True) == key(None) != key(False)
+  original = prep.init_variables(0)
+  free = dataclasses.replace(prep, config=copy_config(config))
+  with free.config.unlocked():
+    free.config.stop.scores_in_budget = False
+  assert setup.stopping_rule(prep, original, 'forgetmi').score_rows > 0
+  assert setup.stopping_rule(free, original, 'forgetmi').score_rows == 0
+
+
 def test_mean_record_marks_a_diverged_seed():
   a = {'val_gap': 0.1, 'epochs_run': 2, 'stop_epoch': 1,
        **{k: 0.5 for k in compare.TRIAL_SCORES}}

@@ -153,6 +153,12 @@ def tune(prep, original, name, cc, time_budget_s=None):
   gap is its mean over them. Returns the selection record."""
   preset = float(method_config(prep.config, name).lr)
   grid = lr_grid(preset, cc.lr_factors)
+  if cc.get('final_schedule', False) and float(method_config(prep.config, name).get('budget', 0)):
+    # the final runs will not score: an example budget then caps what they will train
+    config = copy.deepcopy(prep.config)
+    with config.unlocked():
+      config.stop.scores_in_budget = False
+    prep = dataclasses.replace(prep, config=config)
   seeds = tuning_seeds(prep.config)
   group = method_config(prep.config, name)
   cfgs = []

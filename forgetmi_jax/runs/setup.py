@@ -336,13 +336,22 @@ def run_fingerprint(prep: Prepared, name: str, copies, time_budget_s=None) -> tu
   config = prep.config
   what = {'method': name, 'copies': [(c.seed, _as_run(prep, c.cfg)) for c in copies],
           'data': prep.data_key, 'model': config.model.to_dict(), 'train': config.train.to_dict(),
-          'text_noise_seed': int(config.seed), 'stop': config.stop.to_dict(),
+          'text_noise_seed': int(config.seed), 'stop': _stop_as_run(config.stop),
           'forget_idx': np.asarray(prep.split.forget_idx).tolist(),
           'retain_idx': np.asarray(prep.split.retain_idx).tolist(),
           'val_idx': np.asarray(prep.split.val_idx).tolist()}
   if time_budget_s is not None:
     what['time_budget_s'] = float(time_budget_s)
   return config_lib.fingerprint(what), what
+
+
+def _stop_as_run(stop) -> dict:
+  """config.stop as it runs: scores counted in the budget (the default) hash as before the
+  option existed, so earlier runs still resume."""
+  stop = stop.to_dict()
+  if stop.get('scores_in_budget', True):
+    stop.pop('scores_in_budget', None)
+  return stop
 
 
 def _as_run(prep: Prepared, method_cfg) -> dict:
@@ -527,7 +536,8 @@ def stopping_rule(prep: Prepared, original, name, trunk=None):
   monitor = validation_monitor(prep, original, trunk)
   done = (lambda scores: monitor.at_chance(scores, float(rule.z))) if rule.at_chance else None
   return loop.Stopping(monitor, patience=int(rule.patience), min_delta=float(rule.min_delta),
-                       done_fn=done, score_rows=monitor.rows)
+                       done_fn=done,
+                       score_rows=monitor.rows if rule.get('scores_in_budget', True) else 0)
 
 
 def validation_monitor(prep: Prepared, original, trunk=None):
