@@ -143,6 +143,7 @@ def build(arg):
   # this fraction of retraining's, counted in trained examples (train.epochs x retain images;
   # a scored image counts 1/3: a forward only). Fixed before the run from the schedule and
   # the set sizes, never from a gap. 0 = no budget (the stopping rule alone ends the run).
+  # Under compare.py's final schedules the lr trials' scores are free (stop.scores_in_budget).
   c.forgetmi.budget = 0.0
 
   # Forget-MI exactly as the paper runs it (REFERENCE 4): its losses and weights, lr 1e-4,
