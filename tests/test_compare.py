@@ -231,6 +231,11 @@ def test_final_runs_train_the_selected_schedule_unscored(smoke_run):
   assert [h['epoch'] for h in repair] == list(range(schedule['repair_epochs']))
   assert all('val_gap' not in h for h in history)  # nothing scored
   assert payload['stopping']['methods']['forgetmi'] == [None] * payload['seeds']  # no rule
+  md = (root / 'schedule' / 'comparison.md').read_text()
+  assert compare.schedule_text(schedule) in md
+  assert compare.schedule_text({'epochs': 2, 'repair_epochs': 5}) == (
+      'tuned schedule: 2 epochs + repair 5')
+  assert compare.schedule_text(None) == 'fixed schedule'
 
 
 def test_budgeted_trials_count_only_what_the_final_run_trains(smoke_run, monkeypatch):

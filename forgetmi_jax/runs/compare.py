@@ -391,9 +391,12 @@ def build_markdown(payload):
       epochs = [f"{s['best_epoch']} + repair {s['repair_epoch']}" if 'repair_epoch' in s
                 else s['best_epoch'] for s in per_seed if s is not None]
       rows.append([report.display_name(name),
-                   ', '.join(str(e) for e in epochs) if epochs else 'fixed schedule'])
+                   ', '.join(str(e) for e in epochs) if epochs
+                   else schedule_text((tuning.get('methods') or {}).get(name, {}).get('schedule'))])
     parts.append('Stopping epoch per seed (-1 = the start was never improved on; '
-                 '"+ repair k": Forget-MI+\'s repair phase ended at its epoch k):')
+                 '"+ repair k": Forget-MI+\'s repair phase ended at its epoch k; "tuned '
+                 'schedule": the final runs trained the selected trial\'s epochs unscored, '
+                 '`compare.final_schedule`):')
     parts.append(report.markdown_table(['Method', 'Epoch per seed'], rows, align=['l', 'l']))
   order = payload.get('ordering') or {}
   if order.get('ours'):
@@ -406,6 +409,15 @@ def build_markdown(payload):
                    cell(order['paper'].get(what, []), report.paper_display_name)])
     parts.append(report.markdown_table(['', 'This run', 'Paper'], rows, align=['l', 'l', 'l']))
   return '\n\n'.join(p.strip('\n') for p in parts) + '\n'
+
+
+def schedule_text(schedule):
+  """How a final run without the stopping rule was scheduled, for the report."""
+  if not schedule:
+    return 'fixed schedule'
+  n = int(schedule['epochs'])
+  repair = f" + repair {schedule['repair_epochs']}" if schedule.get('repair_epochs') else ''
+  return f"tuned schedule: {n} epoch{'' if n == 1 else 's'}{repair}"
 
 
 def write_outputs(workdir, payload):
