@@ -193,9 +193,9 @@ def fixed_schedule(record):
   (`compare.final_schedule`): the selected trial's stopping epochs, the median over its seeds
   rounded up, plus one (epochs count from 0; -1, the start never improved on, trains none).
   None when the trial ran without the rule."""
-  def count(epochs):
-    epochs = [e for e in np.atleast_1d(np.asarray(epochs, dtype=object)) if e is not None]
-    return int(math.ceil(float(np.median(epochs)))) + 1 if epochs else None
+  def count(epochs):  # one seed's epoch, or a list over seeds
+    epochs = [e for e in (epochs if isinstance(epochs, list) else [epochs]) if e is not None]
+    return math.ceil(float(np.median(epochs))) + 1 if epochs else None
   push = count(record.get('stop_epoch'))
   if push is None:
     return None
