@@ -21,31 +21,26 @@ import argparse
 import copy
 import dataclasses
 import os
-import tempfile
 import time
 
-from _config import ROOT, load_config
+from _config import add_run_flags, run_config
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default='configs/forgetmi_6pct.py')
-  parser.add_argument('--config_arg', default='')
+  add_run_flags(parser, 'configs/forgetmi_6pct.py')
   parser.add_argument('--epochs', type=int, default=4)
   parser.add_argument('--copies', type=int, default=1, help='stacked copies (seeds 0..N-1)')
   parser.add_argument('--cache_dir', default='', help='where the original is (or is trained)')
-  parser.add_argument('--workdir', default='')
   args = parser.parse_args()
   from forgetmi_jax.evaluation.evaluator import predict_logits
   from forgetmi_jax.evaluation.metrics import per_sample_ce
   from forgetmi_jax.evaluation.mia import svc_mia
   from forgetmi_jax.runs import setup
 
-  root = args.workdir or tempfile.mkdtemp(prefix='bench_monitor_')
-  config = load_config(os.path.join(ROOT, args.config), args.config_arg or None)
+  root, config = run_config(args, 'bench_monitor_')
   with config.unlocked():
     config.forgetmi.epochs = args.epochs
-    config.workdir = os.path.join(root, 'run')
     config.cache_dir = args.cache_dir or os.path.join(root, 'cache')
   prep = setup.prepare(config, 'bench_monitor')
   (original,), _ = setup.train_or_load(prep, 'original')

@@ -16,31 +16,26 @@ outside the timings); not data preparation or evaluation. Prints a table.
 import argparse
 import copy
 import os
-import tempfile
 import time
 
-from _config import ROOT, load_config
+from _config import add_run_flags, run_config
 
 MODES = (('stacked', 0), ('sequential', 1))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', default='configs/forgetmi_10pct.py')
-  parser.add_argument('--config_arg', default='')
+  add_run_flags(parser, 'configs/forgetmi_10pct.py')
   parser.add_argument('--seeds', type=int, default=5)
   parser.add_argument('--train_epochs', type=int, default=2)
   parser.add_argument('--unlearn_epochs', type=int, default=3)
   parser.add_argument('--what', default='retrain,forgetmi', help='retrain and/or forgetmi')
-  parser.add_argument('--workdir', default='')
   args = parser.parse_args()
   from forgetmi_jax.runs import setup
-  root = args.workdir or tempfile.mkdtemp(prefix='bench_seeds_')
-  base = load_config(os.path.join(ROOT, args.config), args.config_arg or None)
+  root, base = run_config(args, 'bench_seeds_')
   with base.unlocked():
     base.train.epochs = args.train_epochs
     base.forgetmi.epochs = args.unlearn_epochs
-    base.workdir = os.path.join(root, 'run')
     base.cache_dir = os.path.join(root, 'cache-original')
   seeds = list(range(args.seeds))
   prep = setup.prepare(copy.deepcopy(base), 'bench_seeds')
