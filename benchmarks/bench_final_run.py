@@ -3,6 +3,7 @@ retraining's (issue 14's time ratio).
 
   python benchmarks/bench_final_run.py [--config configs/compare_6pct.py] [--copies 3]
       [--lr 3e-4] [--push_epochs 5] [--repair_epochs 3] [--budget 0] [--cache_dir DIR]
+      [--checkpoint_every_s S]
 
 A final run trains a tuned schedule (`compare.final_schedule`: push and repair epochs, no
 validation score) as stacked copies, seeds 0..N-1, from the cached original (trained first when
@@ -12,7 +13,8 @@ validation score) as stacked copies, seeds 0..N-1, from the cached original (tra
   merged so that nested ones count once;
 - the frozen original's outputs (the forget targets, once; the retain targets, at first use)
   and the repair's pushed forget logits, each with the compilation of its own programs;
-- the per-epoch checkpoints;
+- the checkpoints (every epoch's at `--checkpoint_every_s 0`; the config's default writes one
+  at most every minute, and always a phase's last epoch);
 - the steps: the rest.
 Retraining's seconds per model come from the cached retrained models of the same seeds (their
 cache entries' meta; "-" when none is cached), its examples from `train.epochs` x the retain
@@ -92,6 +94,8 @@ def main():
   parser.add_argument('--repair_epochs', type=int, default=3)
   parser.add_argument('--budget', type=float, default=0.0, help='forgetmi.budget (0 = none)')
   parser.add_argument('--cache_dir', default='', help='where the original is (or is trained)')
+  parser.add_argument('--checkpoint_every_s', type=float, default=None,
+                      help='config.checkpoint_every_s (default: the config\'s; 0 = every epoch)')
   args = parser.parse_args()
   import jax
 
@@ -105,6 +109,8 @@ def main():
   with config.unlocked():
     config.cache_dir = args.cache_dir or os.path.join(root, 'cache')
     config.forgetmi.budget = float(args.budget)
+    if args.checkpoint_every_s is not None:
+      config.checkpoint_every_s = float(args.checkpoint_every_s)
   config = compare.with_schedule(compare.with_lr(config, 'forgetmi', args.lr), 'forgetmi',
                                  {'epochs': args.push_epochs,
                                   'repair_epochs': args.repair_epochs})
@@ -138,7 +144,8 @@ def main():
 
   print(f'\n{args.config}{":" + args.config_arg if args.config_arg else ""}: {n} copies, lr '
         f'{args.lr:g}, push {args.push_epochs} + repair {args.repair_epochs} epochs'
-        f'{f", budget {args.budget:g}" if args.budget else ""}; '
+        f'{f", budget {args.budget:g}" if args.budget else ""}, checkpoints at most every '
+        f'{config.checkpoint_every_s:g} s; '
         f'{len(prep.split.forget_idx)} forget images, {os.cpu_count()} CPUs, '
         f'{jax.default_backend()}\n')
   print('| part | seconds (all copies) | share | of which compile (trace, lower, XLA or cache) |')

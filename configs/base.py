@@ -22,6 +22,10 @@ def build(arg):
   # stacked copies; every table reports mean +- 95 % CI over them (1 = a single-seed run).
   c.num_seeds = 1
   c.copies_per_program = 0  # stacked copies per compiled program: 0 = all that fit, 1 = sequential
+  # A run's epochs are checkpointed at most this often (and always its last epoch): a killed
+  # run replays at most this many seconds; 0 = every epoch. Short runs, such as a Forget-MI+
+  # final run of a few seconds an epoch, then spend no time writing checkpoints no one reads.
+  c.checkpoint_every_s = 60.0
   c.method = 'forgetmi'
   c.forget_fraction = 0.10
   c.workdir = ''  # default: runs/<config name>

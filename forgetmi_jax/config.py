@@ -117,6 +117,8 @@ def validate(config):
     errors.append(f'num_seeds={config.num_seeds} must be >= 1')
   if int(config.copies_per_program) < 0:
     errors.append(f'copies_per_program={config.copies_per_program} must be >= 0 (0 = automatic)')
+  if not float(config.checkpoint_every_s) >= 0:
+    errors.append(f'checkpoint_every_s={config.checkpoint_every_s} must be >= 0 (0 = every epoch)')
   positive = ['data.image_size', 'data.max_text_len', 'train.epochs', 'train.batch_size',
               'forgetmi.noise.num_draws', 'eval.batch_size']
   for name in registry.names():

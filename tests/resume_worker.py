@@ -14,7 +14,9 @@ from tests.helpers import tiny_config
 def main(workdir, out):
   logging.basicConfig(level=logging.INFO, stream=sys.stderr)
   logging.getLogger('forgetmi_jax').setLevel(logging.INFO)
-  config = tiny_config(workdir, **{'train.epochs': 3, 'forgetmi.epochs': 3})
+  # every epoch checkpointed, so the test can kill the run between two of them
+  config = tiny_config(workdir, **{'train.epochs': 3, 'forgetmi.epochs': 3,
+                                   'checkpoint_every_s': 0.0})
   prep = setup.prepare(config)
   (original,), _ = setup.train_or_load(prep, 'original')
   result = setup.run_method(prep, original, copies=setup.copies_of(config, 'forgetmi', [0, 1]))

@@ -75,3 +75,9 @@ def test_a_bad_budget_is_named_before_any_work(tmp_path):
     config_lib.validate(tiny_config(tmp_path, **{'forgetmi.trunk.k_image': 2}))
   config_lib.resolve(tiny_config(tmp_path, **{'forgetmi.trunk.k_image': 2,
                                               'forgetmi.trunk.k_text': 1}))
+
+
+def test_a_negative_checkpoint_interval_is_named(tmp_path):
+  with pytest.raises(ValueError, match=r'checkpoint_every_s=-1\.0 must be >= 0'):
+    config_lib.resolve(tiny_config(tmp_path, checkpoint_every_s=-1.0))
+  config_lib.resolve(tiny_config(tmp_path, checkpoint_every_s=0.0))

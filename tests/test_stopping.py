@@ -211,3 +211,59 @@ def test_an_epoch_that_cannot_mostly_run_is_not_begun(prep, tmp_path):
   steps = [h['steps'] for h in half.histories[0]]
   assert steps[0] == len(rows0) and 0 < steps[1] < len(rows1)
   assert half.spent <= budget
+
+
+def _epochs_on_disk(directory):
+  ckpt = Checkpoints(str(directory))
+  try:
+    return sorted(ckpt.manager.all_steps())
+  finally:
+    ckpt.close()
+
+
+def test_checkpoint_interval_writes_the_last_epoch_and_the_same_result(prep, tmp_path):
+  """`checkpoint_every_s`: no epoch is written before the interval has passed, the run's last
+  epoch always is (its result), and what it trains does not change."""
+  original = prep.init_variables(0)
+  every = loop.run(_method(prep, 1, 3), original, str(tmp_path / 'every'))
+  sparse = loop.run(_method(prep, 1, 3), original, str(tmp_path / 'sparse'),
+                    checkpoint_every_s=1e9)
+  assert _epochs_on_disk(tmp_path / 'every') == [1, 2]  # max_to_keep=2: every epoch written
+  assert _epochs_on_disk(tmp_path / 'sparse') == [2]
+  _same(sparse.states[0].params, every.states[0].params)
+  # a rerun of the finished run reads that last epoch and trains nothing more
+  again = loop.run(_method(prep, 1, 3), original, str(tmp_path / 'sparse'),
+                   checkpoint_every_s=1e9)
+  assert again.resumed_from == [3] and len(again.histories[0]) == 3
+  _same(again.states[0].params, every.states[0].params)
+  # a run that an interval left unwritten after epoch 0 resumes from there and ends the same
+  loop.run(_method(prep, 1, 1), original, str(tmp_path / 'part'), checkpoint_every_s=1e9)
+  resumed = loop.run(_method(prep, 1, 3), original, str(tmp_path / 'part'),
+                     checkpoint_every_s=1e9)
+  assert resumed.resumed_from == [1]
+  _same(resumed.states[0].params, every.states[0].params)
+
+
+def test_checkpoint_interval_keeps_the_best_model_the_checkpoint_names(prep, tmp_path):
+  """A stopped run with unwritten epochs: the best-model folders it superseded go once the
+  last checkpoint names the newest, and reading the run back gives each copy's best epoch."""
+  original = prep.init_variables(0)
+  scores = {0: [1.0, 0.9, 0.8, 0.9, 0.9]}  # new bests after epochs 0 and 1; stops after 3
+  result = loop.run(_method(prep, 1, 6), original, str(tmp_path / 'r'),
+                    stopping=loop.Stopping(Scripted(scores), patience=2),
+                    checkpoint_every_s=1e9)
+  assert result.stopping[0]['best_epoch'] == 1
+  assert _epochs_on_disk(tmp_path / 'r') == [3]
+  assert sorted(p.name for p in (tmp_path / 'r').iterdir() if p.name.startswith('best')) == [
+      'best-after-1']
+  method = _method(prep, 1, 6)
+  ckpt = Checkpoints(str(tmp_path / 'r'))
+  try:
+    restored, extra = ckpt.restore(loop.stack([method.init_state(original, c)
+                                               for c in method.copies]))
+  finally:
+    ckpt.close()
+  final = loop.final_states(loop.unstack(restored, 1), extra, str(tmp_path / 'r'))
+  _same(final[0].params, result.states[0].params)
+  plain = loop.run(_method(prep, 1, 2), original, str(tmp_path / 'two'))
+  _same(result.states[0].params, plain.states[0].params)

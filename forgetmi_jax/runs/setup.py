@@ -287,6 +287,7 @@ def _train(prep, kind, indices, seeds, paths, group_dir):
   result = loop.run(method, None, os.path.join(group_dir, 'ckpt'), mesh=prep.mesh,
                     desc=f'train {kind}' + (f' x{len(seeds)}' if len(seeds) > 1 else ''),
                     chunk_size=int(prep.config.copies_per_program),
+                    checkpoint_every_s=float(prep.config.checkpoint_every_s),
                     tb_dir=os.path.join(prep.workdir, 'tensorboard', f'train_{kind}'))
   for s, state in zip(seeds, result.states):
     save_variables(os.path.join(paths[s], 'variables'), state.variables)
@@ -384,6 +385,7 @@ def run_method(prep: Prepared, original, name=None, copies=None, ckpt_root=None,
   ckpt_dir = os.path.join(ckpt_root or os.path.join(prep.workdir, 'checkpoints'), name, key)
   loop_kwargs.setdefault('tb_dir', os.path.join(prep.workdir, 'tensorboard', name, key))
   loop_kwargs.setdefault('chunk_size', int(prep.config.copies_per_program))
+  loop_kwargs.setdefault('checkpoint_every_s', float(prep.config.checkpoint_every_s))
   if 'stopping' not in loop_kwargs:
     loop_kwargs['stopping'] = stopping_rule(prep, original, name, trunk)
   if budget is not None:  # the push leaves the repair its share

@@ -409,11 +409,14 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
         chunk_size: int = 0, memory_budget_bytes: float | None = None,
         tb_dir: str | None = None, stopping: Stopping | None = None,
         time_budget_s: float | None = None, example_budget: float | None = None,
-        start_scores: list | None = None) -> Result:
+        start_scores: list | None = None, checkpoint_every_s: float = 0.0) -> Result:
   """Run `method`'s copies from `original` ({'params', 'batch_stats'}) for its epochs.
 
   Per-epoch checkpoints under `ckpt_dir` (one folder per chunk); a killed run resumes from the
-  last one and ends with the parameters of an uninterrupted run. Copies that do not fit
+  last one and ends with the parameters of an uninterrupted run. With `checkpoint_every_s` > 0
+  an epoch is checkpointed only when that many seconds have passed since the last checkpoint,
+  and always when the run ends after it (its result is read from it): a kill then replays at
+  most that much, and a run of short epochs does not spend its time writing them. Copies that do not fit
   `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size` run in equal
   chunks. With `tb_dir`, TensorBoard event files get every step's metrics and each epoch's
   learning rate and examples/s (tags `<method>/<metric>`, per copy `<method>/<copy>/<metric>`).
@@ -454,7 +457,8 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
     given = None if start_scores is None else list(start_scores[start:start + size])
     given = given if given is None else given + given[-1:] * pad
     s, h, first, track, cost = _run_chunk(sub, original, sub_dir, label, mesh, sub_tb,
-                                          programs[key], stopping, budget, example_budget, given)
+                                          programs[key], stopping, budget, example_budget, given,
+                                          checkpoint_every_s)
     spent = max(spent, cost)
     resumed.append(first)
     states += s[:size]
@@ -494,8 +498,32 @@ def _write_events(writer, tags, first_step, metrics_per_step, epoch_scalars):
   writer.flush()
 
 
+def _save(ckpt, states, epoch, extra, superseded):
+  """Checkpoint `epoch`, then delete the best-model folders it no longer names; returns
+  (when it was written, no superseded folders, no unsaved epoch)."""
+  ckpt.save(epoch, states, extra=extra)
+  for folder in superseded:
+    shutil.rmtree(folder, ignore_errors=True)
+  return time.time(), [], None
+
+
+def _epoch_fits(method, epoch, spent, score_cost, example_budget):
+  """Whether epoch `epoch` may begin under the example budget (always without one): one step
+  and its score must fit, and `MIN_EPOCH_SHARE` of the epoch's examples."""
+  if epoch >= method.epochs:
+    return False
+  if example_budget is None:
+    return True
+  if spent + score_cost >= float(example_budget):
+    return False  # not even one step and its score fit
+  expected = method.epoch_examples(epoch)
+  # too little of the epoch would run for its score to be worth it
+  return not (expected and spent + score_cost + MIN_EPOCH_SHARE * expected
+              > float(example_budget))
+
+
 def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, stopping=None,
-               budget_s=None, example_budget=None, start_scores=None):
+               budget_s=None, example_budget=None, start_scores=None, checkpoint_every_s=0.0):
   n = len(method.copies)
   score_cost = SCORE_COST * stopping.score_rows if stopping is not None else 0.0
   spent = 0.0  # per copy, in trained examples
@@ -504,6 +532,8 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
   hparams = stack([method.hparams(c) for c in method.copies])
   ckpt = Checkpoints(ckpt_dir)
   start, histories, track, ended = 0, [[] for _ in range(n)], None, False
+  # when the last checkpoint was written; best models it no longer needs; an epoch not written
+  saved_at, superseded, unsaved = time.time(), [], None
   if ckpt.latest_epoch() is not None:
     states, extra = ckpt.restore(states)
     start = ckpt.latest_epoch() + 1
@@ -533,11 +563,8 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
     for epoch in range(start, method.epochs):
       if out_of_time or (track is not None and track.all_stopped):
         break
-      if example_budget is not None and spent + score_cost >= float(example_budget):
-        break  # not even one step and its score fit
-      expected = method.epoch_examples(epoch) if example_budget is not None else None
-      if expected and spent + score_cost + MIN_EPOCH_SHARE * expected > float(example_budget):
-        break  # too little of the epoch would run for its score to be worth it
+      if not _epoch_fits(method, epoch, spent, score_cost, example_budget):
+        break
       hparams = method.start_epoch(epoch, hparams)
       metrics, steps, seen, t_epoch, logged = None, 0, 0, time.time(), []
       carry, carry_hparams = program.enter(states), program.enter(hparams)
@@ -587,9 +614,11 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
       extra = {'histories': histories, 'hparams': _jsonable(hparams), 'spent': spent,
                'out_of_budget': out_of_time,
                **({'stopping': track.to_json()} if track is not None else {})}
-      ckpt.save(epoch, states, extra=extra)
       if old_best:
-        shutil.rmtree(old_best, ignore_errors=True)  # the checkpoint now names the new one
+        superseded.append(old_best)
+      unsaved = (epoch, extra)
+      if time.time() - saved_at >= float(checkpoint_every_s):
+        saved_at, superseded, unsaved = _save(ckpt, states, *unsaved, superseded)
       postfix = {k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:6]}
       if track is not None:  # the copies still running: their best score so far
         running = [b for b, s in zip(track.best_score, track.since) if s < stopping.patience]
@@ -597,6 +626,8 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
         postfix['running'] = f'{len(running)}/{n}'
       bar.set_postfix(postfix | {'ex/s': f'{rate:.0f}'})
       bar.update(1)
+  if unsaved is not None:  # however the run ended, its last epoch is on disk (its result)
+    _save(ckpt, states, *unsaved, superseded)
   ckpt.close()
   if writer is not None:
     writer.close()
