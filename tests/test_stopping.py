@@ -109,6 +109,19 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(prep, tmp_path):
   _same(again.states[0].params, full.states[0].params)
 
 
+def _read_back(method, original, directory):
+  """(last states, final states) of a finished run read from its checkpoint folder, as
+  experiments/evaluate.py reads them."""
+  ckpt = Checkpoints(str(directory))
+  try:
+    restored, extra = ckpt.restore(loop.stack([method.init_state(original, c)
+                                               for c in method.copies]))
+  finally:
+    ckpt.close()
+  last = loop.unstack(restored, len(method.copies))
+  return last, loop.final_states(last, extra, str(directory))
+
+
 def test_reevaluation_restores_the_best_epoch(prep, tmp_path):
   """A finished stopped run read back from its checkpoint folder (experiments/evaluate.py's
   path) gives each copy's best epoch, not its last state."""
@@ -117,14 +130,7 @@ def test_reevaluation_restores_the_best_epoch(prep, tmp_path):
                        patience=2)
   method = _method(prep, 2, 3)
   result = loop.run(method, original, str(tmp_path / 'r'), stopping=rule)
-  ckpt = Checkpoints(str(tmp_path / 'r'))
-  try:
-    restored, extra = ckpt.restore(loop.stack([method.init_state(original, c)
-                                               for c in method.copies]))
-  finally:
-    ckpt.close()
-  last = loop.unstack(restored, 2)
-  final = loop.final_states(last, extra, str(tmp_path / 'r'))
+  last, final = _read_back(method, original, tmp_path / 'r')
   for got, want in zip(final, result.states):
     _same(got.params, want.params)
   assert result.stopping[0]['best_epoch'] == 0
@@ -256,14 +262,7 @@ def test_checkpoint_interval_keeps_the_best_model_the_checkpoint_names(prep, tmp
   assert _epochs_on_disk(tmp_path / 'r') == [3]
   assert sorted(p.name for p in (tmp_path / 'r').iterdir() if p.name.startswith('best')) == [
       'best-after-1']
-  method = _method(prep, 1, 6)
-  ckpt = Checkpoints(str(tmp_path / 'r'))
-  try:
-    restored, extra = ckpt.restore(loop.stack([method.init_state(original, c)
-                                               for c in method.copies]))
-  finally:
-    ckpt.close()
-  final = loop.final_states(loop.unstack(restored, 1), extra, str(tmp_path / 'r'))
+  _, final = _read_back(_method(prep, 1, 6), original, tmp_path / 'r')
   _same(final[0].params, result.states[0].params)
   plain = loop.run(_method(prep, 1, 2), original, str(tmp_path / 'two'))
   _same(result.states[0].params, plain.states[0].params)
