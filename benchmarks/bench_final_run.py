@@ -3,7 +3,7 @@ retraining's (issue 14's time ratio).
 
   python benchmarks/bench_final_run.py [--config configs/compare_6pct.py] [--copies 3]
       [--lr 3e-4] [--push_epochs 5] [--repair_epochs 3] [--budget 0] [--cache_dir DIR]
-      [--checkpoint_every_s S]
+      [--checkpoint_every_s S] [--retrain]
 
 A final run trains a tuned schedule (`compare.final_schedule`: push and repair epochs, no
 validation score) as stacked copies, seeds 0..N-1, from the cached original (trained first when
@@ -18,12 +18,16 @@ validation score) as stacked copies, seeds 0..N-1, from the cached original (tra
 - the steps: the rest.
 Retraining's seconds per model come from the cached retrained models of the same seeds (their
 cache entries' meta; "-" when none is cached), its examples from `train.epochs` x the retain
-set. Runs in a fresh checkpoint folder (nothing resumed) in this fresh process, so it pays
+set. A cached retraining was timed on whatever machine and day built the cache (on two 2-core
+machines the same retraining took 119 and 131 s per model), so `--retrain` also retrains the
+seeds here, after the run, and prints the ratio against that. Runs in a fresh checkpoint folder (nothing resumed) in this fresh process, so it pays
 what the final run of a `compare.py` process pays. Prints a table.
 """
 import argparse
+import copy
 import functools
 import os
+import tempfile
 import time
 
 from _config import add_run_flags, run_config
@@ -94,6 +98,9 @@ def main():
   parser.add_argument('--repair_epochs', type=int, default=3)
   parser.add_argument('--budget', type=float, default=0.0, help='forgetmi.budget (0 = none)')
   parser.add_argument('--cache_dir', default='', help='where the original is (or is trained)')
+  parser.add_argument('--retrain', action='store_true',
+                      help='then retrain the same seeds in this process (into a temporary '
+                      'cache, deleted after) and divide by those seconds too')
   parser.add_argument('--checkpoint_every_s', type=float, default=None,
                       help='config.checkpoint_every_s (default: the config\'s; 0 = every epoch)')
   args = parser.parse_args()
@@ -160,6 +167,16 @@ def main():
         f'per model (cached seeds {seeds}); time ratio {ratio}; trained examples per copy '
         f'{result.spent:,.0f} = {examples:.3f} of retraining\'s '
         f'{setup.retrain_examples(prep):,}')
+  if args.retrain:  # the denominator timed now, on this machine, beside the run
+    with tempfile.TemporaryDirectory(prefix='bench_final_run_retrain_') as tmp:
+      fresh = copy.deepcopy(config)
+      with fresh.unlocked():
+        fresh.cache_dir = tmp
+      _, seconds = setup.train_or_load(setup.prepare(fresh, 'bench_final_run'), 'retrain',
+                                       seeds=seeds)
+    now = sum(seconds) / len(seconds)
+    print(f'retrained now in this process: {now:.1f} s per model ({n} stacked); time ratio '
+          f'{total / n / now:.3f}')
 
 
 if __name__ == '__main__':
