@@ -1,9 +1,11 @@
 """The comparison runner: tuning pieces in isolation, then the whole smoke comparison."""
 import dataclasses
+import datetime
 import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -116,6 +118,15 @@ def test_smoke_comparison_writes_all_models(smoke_run):
   for title in ('Forget-MI', 'NegGrad+', 'SCRUB', 'CF-k', 'EU-k', 'MultiDelete',
                 'Paper, Table 1', 'Ordering'):
     assert title in md
+  # when and on what each row's seconds were timed: the cached models' own training runs
+  timing = saved['timing']
+  this_run = datetime.datetime.fromisoformat(timing['this_run']['at'])
+  assert len(timing['retrain']) == 2 and timing['original'] is not None
+  for stamp in [timing['original']] + timing['retrain']:
+    assert datetime.datetime.fromisoformat(stamp['at']) <= this_run
+    assert stamp['devices'] == f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+  assert timing['retrain'][0] == timing['retrain'][1]  # stacked: trained, and timed, together
+  assert f"the retrained models when trained, {timing['retrain'][0]['at']}" in md
 
 
 def test_tuning_selects_from_the_grid_and_reruns_reuse(smoke_run):

@@ -169,3 +169,19 @@ def test_loss_histograms_png(tmp_path):
   assert matplotlib.image.imread(two).shape[1] < img.shape[1]
   with pytest.raises(ValueError):
     R.plot_loss_histograms({}, tmp_path / 'none.png')
+
+
+def test_timing_note_says_when_and_on_what_each_row_was_timed():
+  run = {'at': '2026-12-07T15:40:00+00:00', 'devices': '1 x cpu', 'cpus': 2}
+  cached = {'at': '2026-12-01T09:00:00+00:00', 'devices': '1 x H100', 'cpus': 16}
+  note = R.timing_note({'this_run': run, 'original': None, 'retrain': [cached, cached]})
+  assert note.startswith("Seconds: this run's methods timed 2026-12-07T15:40:00+00:00 on "
+                         '1 x cpu (2 CPUs); the original model when trained, at a time and on '
+                         'hardware not recorded')
+  # stacked seeds share one stamp: said once
+  assert note.count('2026-12-01T09:00:00+00:00 on 1 x H100 (16 CPUs)') == 1
+  assert 'the retrained models when trained' in note
+  assert R.timing_note(None) is None and R.timing_note({}) is None
+  md = R.build_report({'models': {}, 'timing': {'this_run': run, 'retrain': [cached]}})
+  assert 'the retrained model when trained, 2026-12-01' in md
+  assert '- timing.' not in md  # the note, not the flattened fields

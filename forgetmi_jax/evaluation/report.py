@@ -266,7 +266,9 @@ NOTES = """\
 - **Avg. gap**: mean of |model - retrain| over the five metrics (a metric missing on either side
   is left out). Lower = closer to exact unlearning, the goal.
 - **Seconds**: wall-clock time of the run that produced the model (training for original and
-  retrain, unlearning for the methods), on this run's hardware.
+  retrain, unlearning for the methods). The original and retrained models are usually loaded
+  from the cache, so their seconds are those of an earlier run: the "Seconds:" line at the
+  top says when and on what each was timed.
 - '—' = not available. The paper's numbers come from MIMIC-CXR on a GPU; runs on other data
   (e.g. the synthetic cohort) are comparable in pattern only, not in absolute value.
 """
@@ -330,6 +332,34 @@ def seed_section(summary, n_seeds):
   return '\n\n'.join(p.strip('\n') for p in parts) + '\n'
 
 
+def _stamp(stamp):
+  return f"{stamp['at']} on {stamp['devices']} ({stamp['cpus']} CPUs)"
+
+
+def timing_note(timing):
+  """One paragraph saying when and on what each row's seconds were timed, or None. The
+  original's and retrained models' seconds are those of the runs that trained them, often
+  an earlier run's (the cache), and a ratio of seconds timed apart carries both runs'
+  spread."""
+  if not timing or not timing.get('this_run'):
+    return None
+  lines = [f"Seconds: this run's methods timed {_stamp(timing['this_run'])}"]
+  for kind, label in (('original', 'original'), ('retrain', 'retrained')):
+    stamps = timing.get(kind)
+    stamps = stamps if isinstance(stamps, list) else [stamps]
+    known = list(dict.fromkeys(_stamp(t) for t in stamps if t))
+    models = f'the {label} model{"s" if len(stamps) > 1 else ""} when trained'
+    if known:
+      lines.append(f'{models}, {"; ".join(known)}')
+    elif stamps:
+      lines.append(f'{models}, at a time and on hardware not recorded (cached by an earlier '
+                   'version)')
+  return ('; '.join(lines) + '. One retraining\'s seconds vary by about 10 % between runs '
+          'on the same machine, more across machines: a time ratio is only as good as the '
+          'two runs it divides, so time them together (benchmarks/bench_final_run.py '
+          '--retrain).')
+
+
 def build_report(metrics, title='Forget-MI evaluation'):
   """The report's markdown text (see `write_report`)."""
   models = metrics.get('models') or {}
@@ -347,12 +377,16 @@ def build_report(metrics, title='Forget-MI evaluation'):
   # histories are for notebooks, not the report.
   other = {k: v for k, v in _flatten({k: v for k, v in metrics.items()
                                       if k not in ('models', 'config', 'forget_fraction',
-                                                   'summary')}).items()
+                                                   'summary', 'timing')}).items()
            if not isinstance(v, (dict, list))}
   if len(other) > 30:
     other = dict(list(other.items())[:30] + [('…', f'{len(other) - 30} more in metrics.json')])
   if other:
     parts.append('\n'.join(f'- {k}: {format_value(v)}' for k, v in other.items()) + '\n')
+
+  timing = timing_note(metrics.get('timing'))
+  if timing:
+    parts.append(timing + '\n')
 
   parts.append('## This run\n')
   if models:

@@ -307,6 +307,7 @@ def run_comparison(config, config_name='compare'):
       'history': histories,
       'wall_seconds': {'total': time.time() - t_start,
                        **{f'{k}_all_seeds': v for k, v in walls.items()}},
+      'timing': setup.run_timing(prep, seeds),
   }
   paper_f = report.nearest_paper_fraction(payload['forget_fraction'])
   payload['paper'] = {'fraction': paper_f, 'models': report.PAPER_TABLE1[paper_f]}
@@ -358,6 +359,7 @@ def build_markdown(payload):
   # The configuration stays in comparison.json; the markdown ends with the comparison itself.
   summary = {'forget_fraction': payload['forget_fraction'], 'models': models,
              'wall_seconds': payload.get('wall_seconds', {}),
+             'timing': payload.get('timing'),
              'seeds': payload.get('seeds', 1), 'summary': payload.get('summary')}
   parts = [report.build_report(summary, title='Unlearning comparison')]
   tuning = payload.get('tuning') or {}

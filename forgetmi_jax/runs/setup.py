@@ -8,6 +8,7 @@ training config, the forget and retain ids), so a rerun with other settings neve
 or reports another run's model.
 """
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -253,10 +254,7 @@ def train_or_load(prep: Prepared, kind: str, seeds=None, allow_training=True):
   Returns (variables per seed, seconds per seed: each model's share of the program that
   trained it, i.e. the program's wall time over the copies it trained together).
   """
-  seeds = [int(prep.config.seed)] if seeds is None else [int(s) for s in seeds]
-  indices = prep.non_test_idx if kind == 'original' else prep.split.retain_idx
-  paths = {s: cache_lib.entry_dir(prep.cache_dir, kind, reference_key(prep, kind, s, indices))
-           for s in seeds}
+  seeds, indices, paths = _entries(prep, kind, seeds)
   missing = [s for s in seeds if not cache_lib.is_complete(paths[s])]
   if missing and not allow_training:
     raise FileNotFoundError(f'the cached {kind} model is missing: {paths[missing[0]]} (a moved '
@@ -278,6 +276,37 @@ def train_or_load(prep: Prepared, kind: str, seeds=None, allow_training=True):
   return variables, seconds
 
 
+def _entries(prep: Prepared, kind: str, seeds=None):
+  """(seeds, the examples a `kind` model trains on, {seed: its cache entry folder})."""
+  seeds = [int(prep.config.seed)] if seeds is None else [int(s) for s in seeds]
+  indices = prep.non_test_idx if kind == 'original' else prep.split.retain_idx
+  paths = {s: cache_lib.entry_dir(prep.cache_dir, kind, reference_key(prep, kind, s, indices))
+           for s in seeds}
+  return seeds, indices, paths
+
+
+def timing_stamp() -> dict:
+  """When and on what hardware a run was timed: seconds timed on other hardware, or on the
+  same on another day, are not comparable to within their spread (README, "Where the goal
+  stands": one retraining's seconds moved by about 10 % between runs)."""
+  devices = jax.devices()
+  return {'at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'devices': f'{len(devices)} x {devices[0].device_kind}', 'cpus': os.cpu_count()}
+
+
+def cached_timing(prep: Prepared, kind: str, seeds=None) -> list:
+  """The `timing_stamp` of each seed's cached `kind` model (None: cached before stamps)."""
+  seeds, _, paths = _entries(prep, kind, seeds)
+  return [cache_lib.read_meta(paths[s]).get('timed') for s in seeds]
+
+
+def run_timing(prep: Prepared, seeds) -> dict:
+  """A run's `timing` (metrics.json, comparison.json): this run's stamp and those of the
+  cached original and retrained models whose seconds it reports."""
+  return {'this_run': timing_stamp(), 'original': cached_timing(prep, 'original')[0],
+          'retrain': cached_timing(prep, 'retrain', seeds)}
+
+
 def _train(prep, kind, indices, seeds, paths, group_dir):
   copies = [loop.Copy(s, prep.config.train) for s in seeds]
   method = TrainMethod(copies, apply_fn=prep.model.apply, source=prep.train_source,
@@ -289,10 +318,12 @@ def _train(prep, kind, indices, seeds, paths, group_dir):
                     chunk_size=int(prep.config.copies_per_program),
                     checkpoint_every_s=float(prep.config.checkpoint_every_s),
                     tb_dir=os.path.join(prep.workdir, 'tensorboard', f'train_{kind}'))
+  timed = timing_stamp()
   for s, state in zip(seeds, result.states):
     save_variables(os.path.join(paths[s], 'variables'), state.variables)
     cache_lib.mark_complete(paths[s], {
         'kind': kind, 'seed': s, 'seconds': result.seconds, 'stacked_copies': len(seeds),
+        'timed': timed,
         'examples': len(indices),  # the patients it saw, so a purge can find it (ids only)
         'subjects': np.unique(prep.cohort.subject_id[indices]).tolist()})
     restrict_permissions(paths[s])

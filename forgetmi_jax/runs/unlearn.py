@@ -44,7 +44,8 @@ def run(config, config_name='run'):
                  setup.stop_summary(s) for s in result.stopping]},
              'wall_seconds': {'total': time.time() - t_start,
                               'retrain_all_seeds': float(sum(t_retrain)),
-                              f'{name}_all_seeds': float(result.seconds)}}
+                              f'{name}_all_seeds': float(result.seconds)},
+             'timing': setup.run_timing(prep, seeds)}
   setup.log_eval_metrics(prep, models)
   write_seed_outputs(prep.workdir, per_example)
   return write_run_outputs(prep.workdir, payload, losses, logits, set_labels(prep))
