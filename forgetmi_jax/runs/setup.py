@@ -205,6 +205,16 @@ def use_compile_cache(setting, cache_dir):
     raise ValueError(f'compile_cache_dir={path!r} cannot be made owner-only ({e.strerror}); '
                      'choose a folder of your own with --config.compile_cache_dir') from None
   jax.config.update('jax_compilation_cache_dir', path)
+  # Every program, not only those that take jax's default second to compile: a run's many
+  # small ones (the original's outputs, the pushed logits, stacking and sharding, the rng
+  # keys) otherwise compile again in every process, 2.5-3 s of a 50 s Forget-MI+ final run
+  # (README "What limits it"). An environment variable the user set wins.
+  for option, env in (('jax_persistent_cache_min_compile_time_secs',
+                       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'),
+                      ('jax_persistent_cache_min_entry_size_bytes',
+                       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES')):
+    if env not in os.environ:
+      jax.config.update(option, 0)
   return path
 
 
