@@ -207,8 +207,8 @@ def use_compile_cache(setting, cache_dir):
   jax.config.update('jax_compilation_cache_dir', path)
   # Every program, not only those that take jax's default second to compile: a run's many
   # small ones (the original's outputs, the pushed logits, stacking and sharding, the rng
-  # keys) otherwise compile again in every process, 2.5-3 s of a 50 s Forget-MI+ final run
-  # (README "What limits it"). An environment variable the user set wins.
+  # keys) otherwise compile again in every process, about 2 s of a 50 s Forget-MI+ final
+  # run (README "What limits it"). An environment variable the user set wins.
   for option, env in (('jax_persistent_cache_min_compile_time_secs',
                        'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'),
                       ('jax_persistent_cache_min_entry_size_bytes',
