@@ -417,8 +417,8 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   an epoch is checkpointed only when that many seconds have passed since the last checkpoint,
   and always when the run ends after it (its result is read from it): a kill then replays at
   most that much, and a run of short epochs does not spend its time writing them. Copies that
-  do not fit `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size` run in equal
-  chunks. With `tb_dir`, TensorBoard event files get every step's metrics and each epoch's
+  do not fit `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size`
+  run in equal chunks. With `tb_dir`, TensorBoard event files get every step's metrics and each epoch's
   learning rate and examples/s (tags `<method>/<metric>`, per copy `<method>/<copy>/<metric>`).
   With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`). With
   `time_budget_s` (seconds per copy: a chunk of k copies gets k times it), the run ends at the
