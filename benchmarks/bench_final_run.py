@@ -20,8 +20,9 @@ Retraining's seconds per model come from the cached retrained models of the same
 cache entries' meta; "-" when none is cached), its examples from `train.epochs` x the retain
 set. A cached retraining was timed on whatever machine and day built the cache (on two 2-core
 machines the same retraining took 119 and 131 s per model), so `--retrain` also retrains the
-seeds here, after the run, and prints the ratio against that. Runs in a fresh checkpoint folder (nothing resumed) in this fresh process, so it pays
-what the final run of a `compare.py` process pays. Prints a table.
+seeds here, after the run, and prints the ratio against that. Runs in a fresh checkpoint
+folder (nothing resumed) in this fresh process, so it pays what the final run of a
+`compare.py` process pays. Prints a table.
 """
 import argparse
 import copy

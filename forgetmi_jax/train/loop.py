@@ -418,9 +418,9 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   and always when the run ends after it (its result is read from it): a kill then replays at
   most that much, and a run of short epochs does not spend its time writing them. Copies that
   do not fit `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size`
-  run in equal chunks. With `tb_dir`, TensorBoard event files get every step's metrics and each epoch's
-  learning rate and examples/s (tags `<method>/<metric>`, per copy `<method>/<copy>/<metric>`).
-  With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`). With
+  run in equal chunks. With `tb_dir`, TensorBoard event files get every step's metrics and
+  each epoch's learning rate and examples/s (tags `<method>/<metric>`, per copy
+  `<method>/<copy>/<metric>`). With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`). With
   `time_budget_s` (seconds per copy: a chunk of k copies gets k times it), the run ends at the
   first step past the budget, finishing that epoch's hooks, scoring and checkpoint (an
   equal-wall-time comparison). With `example_budget` (per copy, in trained examples: each
@@ -499,27 +499,11 @@ def _write_events(writer, tags, first_step, metrics_per_step, epoch_scalars):
 
 
 def _save(ckpt, states, epoch, extra, superseded):
-  """Checkpoint `epoch`, then delete the best-model folders it no longer names; returns
-  (when it was written, no superseded folders, no unsaved epoch)."""
+  """Checkpoint `epoch`, then delete the best-model folders it no longer names."""
   ckpt.save(epoch, states, extra=extra)
   for folder in superseded:
     shutil.rmtree(folder, ignore_errors=True)
-  return time.time(), [], None
-
-
-def _epoch_fits(method, epoch, spent, score_cost, example_budget):
-  """Whether epoch `epoch` may begin under the example budget (always without one): one step
-  and its score must fit, and `MIN_EPOCH_SHARE` of the epoch's examples."""
-  if epoch >= method.epochs:
-    return False
-  if example_budget is None:
-    return True
-  if spent + score_cost >= float(example_budget):
-    return False  # not even one step and its score fit
-  expected = method.epoch_examples(epoch)
-  # too little of the epoch would run for its score to be worth it
-  return not (expected and spent + score_cost + MIN_EPOCH_SHARE * expected
-              > float(example_budget))
+  superseded.clear()
 
 
 def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, stopping=None,
@@ -563,8 +547,11 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
     for epoch in range(start, method.epochs):
       if out_of_time or (track is not None and track.all_stopped):
         break
-      if not _epoch_fits(method, epoch, spent, score_cost, example_budget):
-        break
+      if example_budget is not None and spent + score_cost >= float(example_budget):
+        break  # not even one step and its score fit
+      expected = method.epoch_examples(epoch) if example_budget is not None else None
+      if expected and spent + score_cost + MIN_EPOCH_SHARE * expected > float(example_budget):
+        break  # too little of the epoch would run for its score to be worth it
       hparams = method.start_epoch(epoch, hparams)
       metrics, steps, seen, t_epoch, logged = None, 0, 0, time.time(), []
       carry, carry_hparams = program.enter(states), program.enter(hparams)
@@ -618,7 +605,8 @@ def _run_chunk(method: Method, original, ckpt_dir, desc, mesh, tb_dir, program, 
         superseded.append(old_best)
       unsaved = (epoch, extra)
       if time.time() - saved_at >= float(checkpoint_every_s):
-        saved_at, superseded, unsaved = _save(ckpt, states, *unsaved, superseded)
+        _save(ckpt, states, *unsaved, superseded)
+        saved_at, unsaved = time.time(), None
       postfix = {k: f'{float(np.mean(v)):.3f}' for k, v in list(last.items())[:6]}
       if track is not None:  # the copies still running: their best score so far
         running = [b for b, s in zip(track.best_score, track.since) if s < stopping.patience]
