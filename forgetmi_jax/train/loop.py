@@ -420,10 +420,10 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   do not fit `memory_budget_bytes` together (XLA's measured per-copy bytes) or `chunk_size`
   run in equal chunks. With `tb_dir`, TensorBoard event files get every step's metrics and
   each epoch's learning rate and examples/s (tags `<method>/<metric>`, per copy
-  `<method>/<copy>/<metric>`). With `stopping`, each copy ends at its best-scoring epoch (see `Stopping`). With
-  `time_budget_s` (seconds per copy: a chunk of k copies gets k times it), the run ends at the
-  first step past the budget, finishing that epoch's hooks, scoring and checkpoint (an
-  equal-wall-time comparison). With `example_budget` (per copy, in trained examples: each
+  `<method>/<copy>/<metric>`). With `stopping`, each copy ends at its best-scoring epoch (see
+  `Stopping`). With `time_budget_s` (seconds per copy: a chunk of k copies gets k times it),
+  the run ends at the first step past the budget, finishing that epoch's hooks, scoring and
+  checkpoint (an equal-wall-time comparison). With `example_budget` (per copy, in trained examples: each
   example a copy steps counts 1, each image a score forwards SCORE_COST, the start's score
   too), no step is taken that would leave too little for the epoch's score: the run ends
   within its budget, machine-independent and deterministic (`Result.spent` says how much),
