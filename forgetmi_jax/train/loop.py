@@ -423,9 +423,9 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   `<method>/<copy>/<metric>`). With `stopping`, each copy ends at its best-scoring epoch (see
   `Stopping`). With `time_budget_s` (seconds per copy: a chunk of k copies gets k times it),
   the run ends at the first step past the budget, finishing that epoch's hooks, scoring and
-  checkpoint (an equal-wall-time comparison). With `example_budget` (per copy, in trained examples: each
-  example a copy steps counts 1, each image a score forwards SCORE_COST, the start's score
-  too), no step is taken that would leave too little for the epoch's score: the run ends
+  checkpoint (an equal-wall-time comparison). With `example_budget` (per copy, in trained
+  examples: each example a copy steps counts 1, each image a score forwards SCORE_COST, the
+  start's score too), no step is taken that would leave too little for the epoch's score: the run ends
   within its budget, machine-independent and deterministic (`Result.spent` says how much),
   and an epoch whose `MIN_EPOCH_SHARE` (by `Method.epoch_examples`) cannot run is not begun.
   `start_scores` (one score row per copy) are the start's scores when the caller already has
