@@ -427,7 +427,8 @@ def run(method: Method, original, ckpt_dir: str, *, desc: str = 'run', mesh=None
   examples: each example a copy steps counts 1, each image a score forwards SCORE_COST, the
   start's score too), no step is taken that would leave too little for the epoch's score:
   the run ends within its budget, machine-independent and deterministic (`Result.spent` says
-  how much), and an epoch whose `MIN_EPOCH_SHARE` (by `Method.epoch_examples`) cannot run is not begun.
+  how much), and an epoch whose `MIN_EPOCH_SHARE` (by `Method.epoch_examples`) cannot run is
+  not begun.
   `start_scores` (one score row per copy) are the start's scores when the caller already has
   them (a second phase starting from the first's selected models): not scored, not charged.
   """
