@@ -207,11 +207,11 @@ def main():
     summary.append((lr, first_within(rows, args.goal), seconds))
   print()
   for lr, row, seconds in summary:
-    reached = (f'epoch {row["epoch"]}: {row["examples"]:,.0f} examples per copy, '
+    reached = (f'first at epoch {row["epoch"]}: {row["examples"]:,.0f} examples per copy, '
                f'{row["examples"] / retrain_examples:.3f} of retraining\'s, Avg. gap '
-               f'{format_interval(row["avg_gap"])}' if row else 'not within the run')
-    print(f'lr {lr:g}: mean Avg. gap <= {args.goal:g} first at {reached} (the run: {seconds:.1f} '
-          f's for {len(seeds)} stacked copies)')
+               f'{format_interval(row["avg_gap"])}' if row else 'not reached in the run')
+    print(f'lr {lr:g}: mean Avg. gap <= {args.goal:g} {reached} (the run: {seconds:.1f} s for '
+          f'{len(seeds)} stacked copies)')
 
 
 if __name__ == '__main__':
