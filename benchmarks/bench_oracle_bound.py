@@ -19,8 +19,8 @@ retraining's (train.epochs x the retain set), the Avg. gap (mean +- 95 % t inter
 seeds) and what it is made of; the last lines, per learning rate, the first epoch whose mean
 Avg. gap is within `--goal`. If even these exact targets need about as many examples as
 Forget-MI+ (README "Where the goal stands": examples ratio 0.106 / 0.129 / 0.337 at 3 / 6 /
-10 %), the steps, not the method's targets, set the cost. The original and the retrained models come from `--cache_dir` (trained there
-when missing).
+10 %), the steps, not the method's targets, set the cost. The original and the retrained
+models come from `--cache_dir` (trained there when missing).
 """
 import argparse
 import os
