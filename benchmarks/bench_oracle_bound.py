@@ -36,28 +36,19 @@ import numpy as np  # noqa: E402
 from benchmarks._config import add_run_flags, run_config  # noqa: E402
 from forgetmi_jax import rng as rng_lib  # noqa: E402
 from forgetmi_jax.evaluation.evaluate import evaluate_models  # noqa: E402
-from forgetmi_jax.evaluation.evaluator import HEAD_FIELDS, predict_logits  # noqa: E402
+from forgetmi_jax.evaluation.evaluator import predict_logits  # noqa: E402
 from forgetmi_jax.evaluation.gaps import METRIC_KEYS  # noqa: E402
 from forgetmi_jax.evaluation.seeds import format_interval, interval  # noqa: E402
 from forgetmi_jax.models.apply import forward, model_inputs  # noqa: E402
 from forgetmi_jax.runs import setup  # noqa: E402
 from forgetmi_jax.train import loop  # noqa: E402
-from forgetmi_jax.train.losses import distill_kl, masked_mean  # noqa: E402
-from forgetmi_jax.unlearning.repair import HEADS, RepairMethod, repair_group  # noqa: E402
-
-FIELDS = tuple(HEAD_FIELDS[h] for h in HEADS)  # the order of the repair's logits' head axis
+from forgetmi_jax.unlearning.repair import RepairMethod, heads_kl, repair_group  # noqa: E402
 
 
 def first_within(rows, goal):
   """The first row (in order) whose mean Avg. gap is at most `goal`, or None."""
   return next((r for r in rows if r['avg_gap']['mean'] is not None
                and r['avg_gap']['mean'] <= goal), None)
-
-
-def heads_kl(out, teacher, mask, temperature):
-  """The repair's KL to fixed logits [B, 3, C], summed over the heads, masked mean."""
-  return masked_mean(sum(distill_kl(getattr(out, f), teacher[:, h], temperature)
-                         for h, f in enumerate(FIELDS)), mask)
 
 
 class OracleRepair(RepairMethod):
@@ -149,12 +140,15 @@ def oracle_rows(prep, original, retrained, seeds, lr, epochs, targets, workdir):
   result = loop.run(method, original, os.path.join(workdir, f'ckpt_{targets}_{lr:g}'),
                     mesh=prep.mesh, desc=f'oracle lr {lr:g}', checkpoint_every_s=float('inf'))
   seconds = time.time() - t0
+  # per seed, one evaluation of every epoch's model: the retrained model's logits once
+  per_seed = [evaluate_models(prep.model, prep.source, prep.split,
+                              {'retrain': teacher, **{f'epoch{e}': per_copy[j]
+                                                      for e, per_copy in method.snapshots}},
+                              {}, prep.config.eval)[0]
+              for j, teacher in enumerate(retrained)]
   rows = []
-  for (epoch, per_copy), history in zip(method.snapshots, result.histories[0]):
-    runs = [evaluate_models(prep.model, prep.source, prep.split,
-                            {'retrain': teacher, 'model': variables}, {},
-                            prep.config.eval)[0]['model']
-            for teacher, variables in zip(retrained, per_copy)]
+  for (epoch, _), history in zip(method.snapshots, result.histories[0]):
+    runs = [results[f'epoch{epoch}'] for results in per_seed]
     rows.append({'lr': lr, 'epoch': epoch + 1, 'examples': history['spent'],
                  **{k: interval([r[k] for r in runs])
                     for k in METRIC_KEYS + ('retain_acc', 'avg_gap')}})

@@ -83,6 +83,15 @@ def forget_rows(repair_cfg, n_forget: int, n_retain: int, num_devices: int = 1):
   return min(-(-rows // num_devices) * num_devices, batch_size)
 
 
+def heads_kl(out, teacher_logits, mask, temperature):
+  """KL_T(teacher || model) summed over the image, text and joint heads (`teacher_logits`
+  [B, 3, C] in HEADS order, held fixed), masked mean over the rows."""
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  kl = sum(distill_kl(getattr(out, f), teacher_logits[:, h], temperature)
+           for h, f in enumerate(_FIELDS))
+  return masked_mean(kl, mask)
+
+
 def repair_loss(params, batch_stats, batch, rng, hp, apply_fn):
   """(loss, (batch_stats, metrics)): CE on the retain batch + anchor * KL to the pushed model's
   logits on the forget batch (`batch['forget']['pushed']` [B, 3, C])."""
@@ -91,10 +100,7 @@ def repair_loss(params, batch_stats, batch, rng, hp, apply_fn):
                          rng=jax.random.fold_in(rng, rng_lib.REPAIR_FORGET_DROPOUT))
   out_r, stats = forward(apply_fn, params, stats, model_inputs(retain), train=True,
                          rng=jax.random.fold_in(rng, rng_lib.REPAIR_RETAIN_DROPOUT))
-  pushed = jax.lax.stop_gradient(forget['pushed'])
-  kl = sum(distill_kl(getattr(out_f, f), pushed[:, h], hp['temperature'])
-           for h, f in enumerate(_FIELDS))
-  kl = masked_mean(kl, forget['mask'])
+  kl = heads_kl(out_f, forget['pushed'], forget['mask'], hp['temperature'])
   ce = masked_mean(heads_ce(out_r, retain['label']), retain['mask'])
   loss = ce + hp['anchor'] * kl
   return loss, (stats, {'loss': loss, 'ce_retain': ce, 'kl_forget': kl})
